@@ -1,0 +1,2070 @@
+#!/usr/bin/env python3
+"""gemini-router: send prompts to Google Gemini through the best model and API key available now.
+
+The whole tool is this one module. It reads top to bottom in the order the data flows:
+
+  configuration  environment + flags -> a validated, immutable ``Settings``
+  errors         one exception class per exit code; ``main`` turns them into one stderr line
+  state store    three JSON files (stats, cooldowns, router state) behind one ``filelock``,
+                 read and written in short transactions, atomically replaced on write
+  keys, client   ``key#N`` labels and sha256 fingerprints; one low-level SDK client per key
+                 (never ``genai.configure``, which is process-global and sends the wrong key
+                 under threads); every upstream outcome classified into one ``Outcome``
+  outcomes       the single code path that turns an outcome into a sample, a cooldown or a
+                 disabled key - shared by ``route``, ``rank`` and model listing
+  stats          rolling per-model samples summarised into success rate, latency, tokens
+  tiers          percentile cuts (S/A/B/C) of Fast, Quality and Balance scores
+  prober         asyncio + ThreadPoolExecutor probes for ``rank``, batched state writes
+  router         candidate order (lock, -m, tier order), key rotation, failover
+  CLI            argparse subcommands, tables, ``--json``, exit codes
+
+Design rules that the code keeps everywhere:
+  * the state lock is never held across a network call;
+  * a key's secret never leaves ``ApiKey.secret``: output shows ``key#N``, state keeps a
+    fingerprint, and upstream messages are redacted before they are shown;
+  * the Gemini SDK and tqdm are imported only by commands that use the network, so local
+    commands (tiers, stats, cooldowns, lock, unlock) start fast.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import stat
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+__version__ = "1.0.0"
+PROG = "gemini-router"
+
+# ======================================================================================
+# Configuration
+# ======================================================================================
+
+DEFAULT_ENDPOINT = "https://generativelanguage.googleapis.com"
+STATE_FILE_NAMES = {"stats": "model_stats.json", "router": "router_state.json",
+                    "cooldowns": "cooldowns.json"}
+STATE_FILE_ENV = {"stats": "STATS_FILE", "router": "STATE_FILE", "cooldowns": "COOLDOWN_FILE"}
+SCHEMA_VERSION = 1
+
+# Models a fresh install routes to before any `rank` has measured anything: fast,
+# generally available text models first; the rest follow in Quality order.
+DEFAULT_PREFERENCE = ("gemini-2.5-flash", "gemini-2.0-flash", "gemini-2.5-flash-lite",
+                      "gemini-2.0-flash-lite", "gemini-2.5-pro")
+# A model whose name carries one of these words is not a text model, whatever methods it lists.
+NON_TEXT_WORDS = ("embed", "image", "imagen", "tts", "audio", "live", "veo", "aqa", "lyria")
+TRANSIENT_STRIKES = 3          # consecutive transient failures that cool a model down
+MODEL_GONE_SECS = 3600.0       # a 404 model stays out of routing this long
+
+
+@dataclass(frozen=True)
+class Limit:
+    """A bounded numeric setting: how it is named to the user and what it may be."""
+    name: str
+    default: float
+    low: float
+    high: float
+    integer: bool = False
+
+    def parse(self, raw: str | None, source: str) -> float:
+        if raw is None or raw.strip() == "":
+            return self.default
+        try:
+            value = int(raw) if self.integer else float(raw)
+        except ValueError:
+            kind = "a whole number" if self.integer else "a number"
+            raise ConfigError(f"{source} must be {kind}, got {raw.strip()[:40]!r}") from None
+        if not (self.low <= value <= self.high) or math.isnan(value):
+            raise ConfigError(f"{source} must be between {_num(self.low)} and {_num(self.high)}, "
+                              f"got {raw.strip()[:40]}")
+        return value
+
+
+LIMITS = {
+    "ROLLING_WINDOW": Limit("ROLLING_WINDOW", 20, 1, 1000, integer=True),
+    "COOLDOWN_SECS": Limit("COOLDOWN_SECS", 60, 1, 7 * 86400),
+    "GEMINI_ROUTER_TIMEOUT": Limit("GEMINI_ROUTER_TIMEOUT", 60, 0.1, 3600),
+    "GEMINI_ROUTER_LOCK_TIMEOUT": Limit("GEMINI_ROUTER_LOCK_TIMEOUT", 10, 0.1, 600),
+    "GEMINI_ROUTER_MODELS_TTL": Limit("GEMINI_ROUTER_MODELS_TTL", 86400, 0, 30 * 86400),
+    "GEMINI_ROUTER_RPM": Limit("GEMINI_ROUTER_RPM", 0, 0, 100000, integer=True),
+    "GEMINI_ROUTER_RPD": Limit("GEMINI_ROUTER_RPD", 0, 0, 10000000, integer=True),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a command needs to know about its environment, validated once."""
+    keys: tuple[ApiKey, ...]
+    endpoint: str
+    state_dir: Path
+    files: dict[str, Path]
+    rolling_window: int
+    cooldown_secs: float
+    timeout: float
+    lock_timeout: float
+    models_ttl: float
+    rpm_limit: int            # per key and model, 0 = no ceiling
+    rpd_limit: int            # per key and model per Pacific day, 0 = no ceiling
+
+    def require_keys(self) -> tuple[ApiKey, ...]:
+        if not self.keys:
+            raise ConfigError("no API key: set GEMINI_API_KEY (or GEMINI_API_KEY_1, ..., "
+                              "GEMINI_API_KEYS, GOOGLE_API_KEY)")
+        return self.keys
+
+    def label_of(self, fingerprint: str | None) -> str | None:
+        """`key#N` for a persisted fingerprint; keys no longer configured keep a short tag."""
+        if fingerprint is None:
+            return None
+        for key in self.keys:
+            if key.fingerprint == fingerprint:
+                return key.label
+        return f"key?{fingerprint[:6]}"
+
+
+def collect_keys(env: dict[str, str]) -> tuple[ApiKey, ...]:
+    """Merge every key form in SPEC order, dropping blanks and duplicates (first place wins)."""
+    numbered = sorted((int(name[len("GEMINI_API_KEY_"):]), name) for name in env
+                      if name.startswith("GEMINI_API_KEY_")
+                      and name[len("GEMINI_API_KEY_"):].isdigit())
+    sources: list[tuple[str, str]] = [(name, env[name]) for _, name in numbered]
+    sources += [("GEMINI_API_KEYS", part) for part in env.get("GEMINI_API_KEYS", "").split(",")]
+    sources += [(name, env.get(name, "")) for name in ("GEMINI_API_KEY", "GOOGLE_API_KEY")]
+    secrets: list[str] = []
+    for source, raw in sources:
+        value = raw.strip()
+        if not value or value in secrets:
+            continue
+        # A key goes into an HTTP header: anything but visible ASCII would break the request
+        # far from here, so it is refused now (naming the variable, never the value).
+        if not all(33 <= ord(ch) < 127 for ch in value):
+            raise ConfigError(f"{source} holds a key with spaces or non-ASCII characters")
+        secrets.append(value)
+    return tuple(ApiKey(i + 1, secret) for i, secret in enumerate(secrets))
+
+
+def validate_endpoint(raw: str, source: str) -> str:
+    """An endpoint is scheme://host[:port] and nothing else (the SDK appends the paths)."""
+    from urllib.parse import urlsplit
+    value = raw.strip().rstrip("/")
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"{source} is not a valid URL: {value[:80]!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{source} must look like https://host or http://127.0.0.1:PORT, "
+                          f"got {value[:80]!r}")
+    if parts.path or parts.query or parts.fragment or parts.username or port == 0:
+        raise ConfigError(f"{source} must be scheme://host[:port] without a path, "
+                          f"got {value[:80]!r}")
+    return value
+
+
+def default_state_dir(env: dict[str, str]) -> Path:
+    xdg = env.get("XDG_STATE_HOME", "").strip()
+    base = Path(xdg) if xdg else Path.home() / ".local" / "state"
+    return base / "gemini-router"
+
+
+def load_settings(env: dict[str, str], args: argparse.Namespace) -> Settings:
+    """Validate the environment and flags; every problem is a ConfigError naming the setting."""
+    def limit(name: str) -> float:
+        return LIMITS[name].parse(env.get(name), name)
+
+    endpoint_flag = getattr(args, "endpoint", None)
+    if endpoint_flag is not None:
+        endpoint = validate_endpoint(endpoint_flag, "--endpoint")
+    elif env.get("GEMINI_API_ENDPOINT", "").strip():
+        endpoint = validate_endpoint(env["GEMINI_API_ENDPOINT"], "GEMINI_API_ENDPOINT")
+    else:
+        endpoint = DEFAULT_ENDPOINT
+    state_flag = getattr(args, "state_dir", None)
+    state_dir = Path(state_flag or env.get("GEMINI_ROUTER_STATE_DIR", "").strip()
+                     or default_state_dir(env)).expanduser()
+    files = {name: Path(env[STATE_FILE_ENV[name]]).expanduser()
+             if env.get(STATE_FILE_ENV[name], "").strip() else state_dir / filename
+             for name, filename in STATE_FILE_NAMES.items()}
+    timeout_flag = getattr(args, "timeout", None)
+    return Settings(
+        keys=collect_keys(env),
+        endpoint=endpoint,
+        state_dir=state_dir,
+        files=files,
+        rolling_window=int(limit("ROLLING_WINDOW")),
+        cooldown_secs=limit("COOLDOWN_SECS"),
+        timeout=timeout_flag if timeout_flag is not None else limit("GEMINI_ROUTER_TIMEOUT"),
+        lock_timeout=limit("GEMINI_ROUTER_LOCK_TIMEOUT"),
+        models_ttl=limit("GEMINI_ROUTER_MODELS_TTL"),
+        rpm_limit=int(limit("GEMINI_ROUTER_RPM")),
+        rpd_limit=int(limit("GEMINI_ROUTER_RPD")),
+    )
+
+
+# ======================================================================================
+# Errors: one class per exit code
+# ======================================================================================
+
+class RouterError(Exception):
+    """An expected failure: `main` prints its message as one stderr line and exits."""
+    exit_code = 1
+
+
+class UpstreamError(RouterError):
+    """The request itself failed upstream; another model or key would not help."""
+    exit_code = 1
+
+
+class UsageError(RouterError):
+    exit_code = 2
+
+
+class ConfigError(RouterError):
+    exit_code = 3
+
+
+class NothingAvailable(RouterError):
+    """Every candidate is cooling down, disabled or failed. `until` is the earliest recovery."""
+    exit_code = 4
+
+    def __init__(self, message: str, until: float | None = None):
+        super().__init__(message)
+        self.until = until
+
+
+class Interrupted(RouterError):
+    exit_code = 130
+
+
+# ======================================================================================
+# State store: three JSON files behind one lock
+# ======================================================================================
+# Every read-modify-write of state happens inside `StateStore.transaction()`: it takes the
+# one file lock (bounded wait), loads the files the caller touches on first use, and on a
+# clean exit writes back those whose content changed - each through a temp file, fsync and
+# rename, so a reader or a crash never sees half a file. Network calls happen outside.
+
+def empty_doc(name: str) -> dict[str, Any]:
+    base: dict[str, Any] = {"schema": SCHEMA_VERSION, "kind": f"gemini-router/{name}"}
+    if name == "stats":
+        base["models"] = {}
+    elif name == "cooldowns":
+        base.update(cooldowns=[], disabled_keys={})
+    else:
+        base.update(next_key=0, lock=None, model_list=None, usage={}, strikes={})
+    return base
+
+
+def doc_shape_ok(name: str, doc: Any) -> bool:
+    """A light structural check: enough that the code using the document cannot crash."""
+    if not isinstance(doc, dict):
+        return False
+    if name == "stats":
+        models = doc.get("models")
+        return isinstance(models, dict) and all(
+            isinstance(samples, list) and all(
+                isinstance(s, dict) and isinstance(s.get("t"), (int, float))
+                and isinstance(s.get("ok"), bool) and isinstance(s.get("kind"), str)
+                for s in samples)
+            for samples in models.values())
+    if name == "cooldowns":
+        entries, disabled = doc.get("cooldowns"), doc.get("disabled_keys")
+        return isinstance(entries, list) and isinstance(disabled, dict) and all(
+            isinstance(e, dict) and isinstance(e.get("until"), (int, float))
+            and isinstance(e.get("reason"), str) for e in entries) and all(
+            isinstance(v, dict) for v in disabled.values())
+    model_list = doc.get("model_list")
+    return (isinstance(doc.get("next_key"), int) and isinstance(doc.get("usage"), dict)
+            and isinstance(doc.get("strikes"), dict)
+            and (doc.get("lock") is None or isinstance(doc.get("lock"), str))
+            and (model_list is None or (isinstance(model_list, dict)
+                                        and isinstance(model_list.get("models"), list))))
+
+
+def warn(message: str) -> None:
+    """Warnings are one line on stderr; -q silences them (see `Output`)."""
+    if not _QUIET:
+        print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
+_QUIET = False
+
+
+class StateTransaction:
+    """The documents of one locked transaction, loaded lazily by name."""
+
+    def __init__(self, store: StateStore):
+        self._store = store
+        self._docs: dict[str, dict[str, Any]] = {}
+        self._original: dict[str, str | None] = {}
+
+    def doc(self, name: str) -> dict[str, Any]:
+        if name not in self._docs:
+            text, doc = self._store.load(name)
+            self._original[name] = text
+            self._docs[name] = doc
+        return self._docs[name]
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return self.doc("stats")
+
+    @property
+    def cooldowns(self) -> dict[str, Any]:
+        return self.doc("cooldowns")
+
+    @property
+    def router(self) -> dict[str, Any]:
+        return self.doc("router")
+
+    def commit(self) -> None:
+        for name, doc in self._docs.items():
+            text = json.dumps(doc, separators=(",", ":"), sort_keys=True)
+            if text != self._original[name]:
+                self._store.write(name, text)
+
+
+class StateStore:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.paths = settings.files
+        self.lock_path = settings.state_dir / "state.lock"
+
+    def ensure_dir(self) -> None:
+        for directory in {self.settings.state_dir, *(p.parent for p in self.paths.values())}:
+            if directory.exists() and not directory.is_dir():
+                raise ConfigError(f"state directory {directory} is not a directory")
+            try:
+                directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"cannot create state directory {directory}: "
+                                  f"{exc.strerror or exc}") from None
+
+    @contextlib.contextmanager
+    def transaction(self, write: bool = True) -> Iterator[StateTransaction]:
+        """Hold the state lock for the block; commit changed documents if it ends cleanly."""
+        self.ensure_dir()
+        from filelock import FileLock, Timeout
+        lock = FileLock(str(self.lock_path), timeout=self.settings.lock_timeout, mode=0o600)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise ConfigError(f"state lock {self.lock_path} held by another process for more "
+                              f"than {_num(self.settings.lock_timeout)} s "
+                              "(GEMINI_ROUTER_LOCK_TIMEOUT)") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot lock state in {self.settings.state_dir}: "
+                              f"{exc.strerror or exc}") from None
+        try:
+            tx = StateTransaction(self)
+            yield tx
+            if write:
+                tx.commit()
+        finally:
+            lock.release()
+
+    def load(self, name: str) -> tuple[str | None, dict[str, Any]]:
+        """(raw text, document). A missing file is empty; a corrupt one is set aside."""
+        path = self.paths[name]
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None, empty_doc(name)
+        except OSError as exc:
+            raise ConfigError(f"cannot read state file {path}: {exc.strerror or exc}") from None
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            return None, self.set_aside(name, "is not valid JSON")
+        if not isinstance(doc, dict) or doc.get("kind", f"gemini-router/{name}") != \
+                f"gemini-router/{name}":
+            return None, self.set_aside(name, "is not a gemini-router " + name + " file")
+        version = doc.get("schema")
+        if isinstance(version, int) and version > SCHEMA_VERSION:
+            raise ConfigError(f"state file {path} has schema {version}, newer than this "
+                              f"gemini-router understands ({SCHEMA_VERSION}); upgrade, or "
+                              "point STATS_FILE/STATE_FILE/COOLDOWN_FILE elsewhere")
+        if version != SCHEMA_VERSION:
+            return None, self.set_aside(name, f"has an unsupported schema ({version!r})")
+        if not doc_shape_ok(name, doc):
+            return None, self.set_aside(name, "has an unexpected shape")
+        return raw.decode("utf-8", "replace"), doc
+
+    def set_aside(self, name: str, why: str) -> dict[str, Any]:
+        """Keep a bad file for the user to inspect, and start that document afresh."""
+        path = self.paths[name]
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        target = path.with_name(f"{path.name}.corrupt-{stamp}")
+        n = 1
+        while target.exists():
+            n += 1
+            target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+        try:
+            os.replace(path, target)
+        except OSError as exc:
+            raise ConfigError(f"state file {path} {why} and cannot be moved aside: "
+                              f"{exc.strerror or exc}") from None
+        warn(f"state file {path} {why}; kept it as {target.name} and started afresh")
+        return empty_doc(name)
+
+    def write(self, name: str, text: str) -> None:
+        path = self.paths[name]
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, text.encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise ConfigError(f"cannot write state file {path}: {exc.strerror or exc}") from None
+
+
+# ======================================================================================
+# Keys, the client, and the classification of upstream outcomes
+# ======================================================================================
+
+@dataclass(frozen=True)
+class ApiKey:
+    index: int                                   # 1-based position in the merged list
+    secret: str = field(repr=False, compare=False)
+
+    @property
+    def label(self) -> str:
+        return f"key#{self.index}"
+
+    @property
+    def fingerprint(self) -> str:
+        # One-way, short: enough to recognise the key across runs, useless to an attacker.
+        return hashlib.sha256(self.secret.encode()).hexdigest()[:12]
+
+
+def redact(text: str, keys: Iterable[ApiKey]) -> str:
+    """Replace any key that slipped into an upstream message by its label."""
+    for key in keys:
+        if key.secret in text:
+            text = text.replace(key.secret, key.label)
+    return text
+
+
+def bare_model(name: str) -> str:
+    return name[len("models/"):] if name.startswith("models/") else name
+
+
+@dataclass
+class Outcome:
+    """What one upstream call came to. `kind` decides the router's action (see ACTIONS)."""
+    kind: str                    # ok | blocked | rate_limited | daily_quota | key_invalid |
+    #                              model_unavailable | transient | bad_request | unreachable
+    detail: str = ""
+    retry_after: float | None = None
+    text: str = ""
+    finish_reason: str = ""
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+
+    @property
+    def answered(self) -> bool:
+        return self.kind in ("ok", "blocked")
+
+
+# Which outcomes say something about the model (and so count in its success rate).
+MODEL_VERDICTS = {"ok": True, "blocked": True, "bad_request": True,
+                  "transient": False, "model_unavailable": False}
+BLOCKING_FINISH = {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII",
+                   "IMAGE_SAFETY", "LANGUAGE"}
+
+
+def _parse_duration(value: Any) -> float | None:
+    """'26s' / '1.5s' (protobuf Duration JSON) -> seconds."""
+    if isinstance(value, str) and value.endswith("s"):
+        with contextlib.suppress(ValueError):
+            seconds = float(value[:-1])
+            if seconds >= 0 and math.isfinite(seconds):
+                return seconds
+    return None
+
+
+def outcome_from_error(exc: BaseException, timeout: float) -> Outcome:
+    """Classify an exception from the SDK or its HTTP layer (GEMINI_API_NOTES, 'Errors')."""
+    from google.api_core import exceptions as gx
+    import requests
+    if isinstance(exc, gx.GoogleAPICallError):
+        code = int(exc.code) if exc.code is not None else 0
+        details = [d for d in (exc.details or []) if isinstance(d, dict)]
+        message = _upstream_message(exc)
+        infos = [d for d in details if d.get("@type", "").endswith("google.rpc.ErrorInfo")]
+        reason = next((d.get("reason") for d in infos if d.get("reason")), None)
+        if code == 429:
+            quota_ids = [v.get("quotaId", "") for d in details
+                         if d.get("@type", "").endswith("google.rpc.QuotaFailure")
+                         for v in d.get("violations", []) if isinstance(v, dict)]
+            delay = next((_parse_duration(d.get("retryDelay")) for d in details
+                          if d.get("@type", "").endswith("google.rpc.RetryInfo")), None)
+            # Classify by quotaId, not by retryDelay: a per-day violation has been seen
+            # carrying retryDelay "36s" - retrying then would only waste calls.
+            daily = [q for q in quota_ids if "PerDay" in q]
+            if daily:
+                return Outcome("daily_quota", f"daily quota exhausted ({daily[0]})", delay)
+            what = quota_ids[0] if quota_ids else "429 RESOURCE_EXHAUSTED"
+            return Outcome("rate_limited", f"rate limited ({what})", delay)
+        if code == 400 and reason == "API_KEY_INVALID":
+            return Outcome("key_invalid", "API key not valid (API_KEY_INVALID)")
+        if code in (401, 403):
+            return Outcome("key_invalid", f"key refused: HTTP {code} {reason or message}")
+        if code == 404:
+            return Outcome("model_unavailable", f"model not found: {message}")
+        if code >= 500 or code == 408:
+            return Outcome("transient", f"HTTP {code}: {message}")
+        return Outcome("bad_request", f"HTTP {code}: {message}")
+    if isinstance(exc, requests.exceptions.Timeout):
+        return Outcome("transient", f"no answer within {_num(timeout)} s (timeout)")
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        if _is_connect_failure(exc):
+            return Outcome("unreachable", f"cannot connect: {_first_line(exc)}")
+        return Outcome("transient", f"connection broken: {_first_line(exc)}")
+    # Anything else (an empty or malformed 200 body the SDK cannot parse, a broken stream) is
+    # the server's fault, not the request's.
+    return Outcome("transient", f"malformed response ({type(exc).__name__}: {_first_line(exc)})")
+
+
+def _is_connect_failure(exc: BaseException) -> bool:
+    """True when the TCP connection itself could not be made (endpoint down or wrong)."""
+    import urllib3.exceptions as ux
+    seen: set[int] = set()
+    todo: list[Any] = [exc]
+    while todo:
+        item = todo.pop()
+        if item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, (ux.NewConnectionError, ux.ConnectTimeoutError)):
+            return True
+        if isinstance(item, BaseException):
+            todo.extend([item.__cause__, item.__context__, getattr(item, "reason", None),
+                         *item.args])
+    return False
+
+
+def _upstream_message(exc: Any) -> str:
+    """The server's own error message, without the SDK's 'POST http://... :' prefix."""
+    with contextlib.suppress(Exception):
+        body = exc.response.json()
+        message = body["error"]["message"]
+        if isinstance(message, str) and message:
+            return _first_line(message)
+    text = str(getattr(exc, "message", "") or exc)
+    return _first_line(text.split(": ", 1)[1] if text.startswith(("POST ", "GET ")) else text)
+
+
+def _first_line(value: Any, limit: int = 300) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def outcome_from_response(response: Any, streamed: bool = False) -> Outcome:
+    """Classify a (possibly merged streamed) GenerateContentResponse proto."""
+    usage = response.usage_metadata
+    tokens = dict(prompt_tokens=int(usage.prompt_token_count),
+                  output_tokens=int(usage.candidates_token_count),
+                  total_tokens=int(usage.total_token_count))
+    feedback = response.prompt_feedback
+    if not response.candidates:
+        if feedback and int(feedback.block_reason):
+            reason = type(feedback.block_reason)(feedback.block_reason).name
+            return Outcome("blocked", f"prompt blocked ({reason})", finish_reason=reason,
+                           **tokens)
+        return Outcome("transient", "response had no candidates", **tokens)
+    candidate = response.candidates[0]
+    text = "".join(part.text for part in candidate.content.parts if part.text)
+    finish = type(candidate.finish_reason)(candidate.finish_reason).name
+    if finish in BLOCKING_FINISH:
+        return Outcome("blocked", f"answer stopped for {finish}", text=text,
+                       finish_reason=finish, **tokens)
+    if finish == "FINISH_REASON_UNSPECIFIED" and streamed:
+        # The SDK swallows an {"error": ...} element inside a 200 stream: the only trace is
+        # a stream that ends without a finish reason.
+        return Outcome("transient", "stream ended without a finish reason", text=text, **tokens)
+    return Outcome("ok", text=text, finish_reason=finish, **tokens)
+
+
+@dataclass
+class PromptRequest:
+    """What the user asks: built once by the CLI, sent unchanged to every candidate."""
+    text: str
+    system: str | None = None
+    attachments: list[tuple[str, bytes]] = field(default_factory=list)   # (mime, data)
+    options: dict[str, Any] = field(default_factory=dict)                # GenerationConfig
+    schema: dict[str, Any] | None = None                                 # Schema proto dict
+
+
+def _import_sdk() -> Any:
+    """The low-level generativelanguage package, imported once, without its noise."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        from google.ai import generativelanguage_v1beta as glm
+    return glm
+
+
+class GeminiClient:
+    """One REST SDK client pair per key, built on first use; SDK retries are off."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._clients: dict[int, tuple[Any, Any]] = {}
+        self.glm = _import_sdk()
+
+    def _pair(self, key: ApiKey) -> tuple[Any, Any]:
+        if key.index not in self._clients:
+            opts = {"api_endpoint": self.settings.endpoint, "api_key": key.secret}
+            self._clients[key.index] = (
+                self.glm.GenerativeServiceClient(transport="rest", client_options=opts),
+                self.glm.ModelServiceClient(transport="rest", client_options=opts))
+        return self._clients[key.index]
+
+    def build_request(self, model: str, prompt: PromptRequest) -> Any:
+        glm = self.glm
+        parts: list[Any] = [glm.Part(inline_data=glm.Blob(mime_type=mime, data=data))
+                            for mime, data in prompt.attachments]
+        parts.append(glm.Part(text=prompt.text))
+        config = dict(prompt.options)
+        if prompt.schema is not None:
+            config["response_mime_type"] = "application/json"
+            config["response_schema"] = prompt.schema
+        request = glm.GenerateContentRequest(
+            model=f"models/{model}", contents=[glm.Content(role="user", parts=parts)],
+            generation_config=glm.GenerationConfig(**config) if config else None)
+        if prompt.system:
+            request.system_instruction = glm.Content(parts=[glm.Part(text=prompt.system)])
+        return request
+
+    def generate(self, key: ApiKey, model: str, prompt: PromptRequest,
+                 on_text: Callable[[str], None] | None = None) -> Outcome:
+        """One upstream call, classified. With on_text the answer is streamed into it."""
+        generative, _ = self._pair(key)
+        request = self.build_request(model, prompt)
+        try:
+            if on_text is None:
+                response = generative.generate_content(request, timeout=self.settings.timeout,
+                                                       retry=None)
+                return outcome_from_response(response)
+            return self._stream(generative, request, on_text)
+        except Exception as exc:     # noqa: BLE001 - every failure is classified, none escapes
+            outcome = outcome_from_error(exc, self.settings.timeout)
+            outcome.detail = redact(outcome.detail, self.settings.keys)
+            return outcome
+
+    def _stream(self, generative: Any, request: Any, on_text: Callable[[str], None]) -> Outcome:
+        merged = self.glm.GenerateContentResponse()
+        printed = False
+        try:
+            for chunk in generative.stream_generate_content(
+                    request, timeout=self.settings.timeout, retry=None):
+                piece = "".join(p.text for c in chunk.candidates[:1] for p in c.content.parts)
+                if piece:
+                    on_text(piece)
+                    printed = True
+                merged = _merge_chunk(self.glm, merged, chunk)
+        except Exception as exc:     # noqa: BLE001
+            if not printed:
+                raise
+            outcome = outcome_from_error(exc, self.settings.timeout)
+            outcome.kind = "transient"   # text already went out: the call as a whole failed
+            outcome.detail = f"stream broke after output began: {outcome.detail}"
+            outcome.text = "partial"
+            return outcome
+        outcome = outcome_from_response(merged, streamed=True)
+        if printed and outcome.kind != "ok":
+            outcome.text = "partial"
+        return outcome
+
+    def list_models(self, key: ApiKey) -> list[dict[str, Any]] | Outcome:
+        """Every model the key can see (following pages), or the classified failure."""
+        _, models = self._pair(key)
+        try:
+            pager = models.list_models(self.glm.ListModelsRequest(page_size=1000),
+                                       timeout=self.settings.timeout, retry=None)
+            return [model_entry(m) for m in pager]
+        except Exception as exc:     # noqa: BLE001
+            outcome = outcome_from_error(exc, self.settings.timeout)
+            if outcome.kind == "model_unavailable":
+                outcome.kind = "transient"      # a 404 on the list is the endpoint's problem
+            outcome.detail = redact(outcome.detail, self.settings.keys)
+            return outcome
+
+
+def _merge_chunk(glm: Any, merged: Any, chunk: Any) -> Any:
+    """Fold one streamed chunk into a response that looks like a non-streamed one."""
+    if chunk.candidates:
+        cand = chunk.candidates[0]
+        if not merged.candidates:
+            merged.candidates.append(glm.Candidate(content=glm.Content(role="model")))
+        target = merged.candidates[0]
+        for part in cand.content.parts:
+            if part.text:
+                target.content.parts.append(glm.Part(text=part.text))
+        if int(cand.finish_reason):
+            target.finish_reason = cand.finish_reason
+    if chunk.prompt_feedback and int(chunk.prompt_feedback.block_reason):
+        merged.prompt_feedback = chunk.prompt_feedback
+    if chunk.usage_metadata and int(chunk.usage_metadata.total_token_count):
+        merged.usage_metadata = chunk.usage_metadata
+    return merged
+
+
+def model_entry(model: Any) -> dict[str, Any]:
+    """The part of a models-list entry the router keeps (in the router state's cache)."""
+    name = bare_model(model.name)
+    methods = list(model.supported_generation_methods)
+    return {"name": name, "display_name": model.display_name,
+            "input_limit": int(model.input_token_limit),
+            "output_limit": int(model.output_token_limit), "methods": methods,
+            "text": is_text_model(name, methods)}
+
+
+def is_text_model(name: str, methods: list[str]) -> bool:
+    """generateContent-capable and not an embedding/image/speech/live model (by name)."""
+    lowered = name.lower()
+    return "generateContent" in methods and not any(w in lowered for w in NON_TEXT_WORDS)
+
+
+# ======================================================================================
+# Outcomes -> samples, cooldowns and disabled keys (the one path for route, rank, listing)
+# ======================================================================================
+
+def next_pacific_midnight(now: float) -> float:
+    """When Gemini's daily quotas reset: the next midnight in America/Los_Angeles."""
+    from datetime import datetime, timedelta, timezone
+    tz = _pacific()
+    local = datetime.fromtimestamp(now, tz)
+    midnight = (local + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    if isinstance(tz, timezone):
+        return midnight.timestamp()
+    return midnight.replace(tzinfo=tz).timestamp()
+
+
+def pacific_day(now: float) -> str:
+    from datetime import datetime
+    return datetime.fromtimestamp(now, _pacific()).date().isoformat()
+
+
+def _pacific() -> Any:
+    from datetime import timedelta, timezone
+    try:
+        from zoneinfo import ZoneInfo
+        return ZoneInfo("America/Los_Angeles")
+    except Exception:   # noqa: BLE001 - no tz database: UTC-8 never resets earlier than Google
+        return timezone(timedelta(hours=-8))
+
+
+def add_cooldown(cooldowns: dict[str, Any], model: str | None, fingerprint: str | None,
+                 until: float, reason: str, kind: str, now: float) -> float:
+    """Cool a (key, model) target; never shortens a longer cooldown. Returns the end."""
+    for entry in cooldowns["cooldowns"]:
+        if entry.get("model") == model and entry.get("key") == fingerprint:
+            if entry["until"] >= until:
+                return entry["until"]
+            entry.update(until=until, reason=reason, kind=kind, since=now)
+            return until
+    cooldowns["cooldowns"].append({"model": model, "key": fingerprint, "until": until,
+                                   "reason": reason, "kind": kind, "since": now})
+    return until
+
+
+def prune_cooldowns(cooldowns: dict[str, Any], now: float) -> None:
+    cooldowns["cooldowns"] = [e for e in cooldowns["cooldowns"] if e["until"] > now]
+
+
+def blocked_until(cooldowns: dict[str, Any], router: dict[str, Any], settings: Settings,
+                  key: ApiKey, model: str, now: float) -> tuple[float | None, str] | None:
+    """Why (key, model) cannot be called now: (until, reason); until None = disabled key.
+
+    None means it is free. Looks at disabled keys, cooldowns on the pair, the key or the
+    model, and the proactive per-minute and per-day ceilings."""
+    disabled = cooldowns["disabled_keys"].get(key.fingerprint)
+    if disabled is not None:
+        return None, f"disabled: {disabled.get('reason', '')}"
+    worst: tuple[float, str] | None = None
+    for entry in cooldowns["cooldowns"]:
+        if entry["until"] > now and entry.get("model") in (None, model) \
+                and entry.get("key") in (None, key.fingerprint):
+            if worst is None or entry["until"] > worst[0]:
+                worst = (entry["until"], entry["reason"])
+    if worst is not None:
+        return worst
+    return ceiling_until(router, settings, key, model, now)
+
+
+def ceiling_until(router: dict[str, Any], settings: Settings, key: ApiKey, model: str,
+                  now: float) -> tuple[float, str] | None:
+    if not (settings.rpm_limit or settings.rpd_limit):
+        return None
+    usage = router["usage"].get(f"{key.fingerprint}/{model}")
+    if not usage:
+        return None
+    minute = [t for t in usage.get("minute", []) if t > now - 60]
+    if settings.rpm_limit and len(minute) >= settings.rpm_limit:
+        return minute[-settings.rpm_limit] + 60, f"GEMINI_ROUTER_RPM={settings.rpm_limit} reached"
+    if settings.rpd_limit and usage.get("day") == pacific_day(now) \
+            and usage.get("count", 0) >= settings.rpd_limit:
+        return next_pacific_midnight(now), f"GEMINI_ROUTER_RPD={settings.rpd_limit} reached"
+    return None
+
+
+def count_request(router: dict[str, Any], settings: Settings, key: ApiKey, model: str,
+                  now: float) -> None:
+    """Count a call toward the proactive ceilings (only when a ceiling is set)."""
+    if not (settings.rpm_limit or settings.rpd_limit):
+        return
+    usage = router["usage"].setdefault(f"{key.fingerprint}/{model}", {})
+    usage["minute"] = [t for t in usage.get("minute", []) if t > now - 60][-1000:] + [now]
+    today = pacific_day(now)
+    if usage.get("day") != today:
+        usage.update(day=today, count=0)
+    usage["count"] = usage.get("count", 0) + 1
+
+
+def record_outcome(tx: StateTransaction, settings: Settings, key: ApiKey, model: str | None,
+                   outcome: Outcome, latency: float, now: float) -> str | None:
+    """Apply one upstream outcome to state. Returns a notice for stderr, if any.
+
+    This is the only place outcomes become samples, cooldowns or disabled keys."""
+    cooldowns = tx.cooldowns
+    prune_cooldowns(cooldowns, now)
+    notice = None
+    kind = outcome.kind
+    if kind == "unreachable":
+        return None          # says nothing about the key or the model
+    if model is not None:
+        samples = tx.stats["models"].setdefault(model, [])
+        samples.append({"t": round(now, 3), "ok": MODEL_VERDICTS.get(kind, False) is True,
+                        "kind": kind, "latency": round(latency, 4),
+                        "prompt_tokens": outcome.prompt_tokens,
+                        "output_tokens": outcome.output_tokens, "key": key.fingerprint})
+        del samples[:-settings.rolling_window]
+    strikes = tx.router["strikes"]
+    if kind == "rate_limited":
+        delay = outcome.retry_after if outcome.retry_after is not None else settings.cooldown_secs
+        add_cooldown(cooldowns, model, key.fingerprint, now + delay, outcome.detail, kind, now)
+    elif kind == "daily_quota":
+        add_cooldown(cooldowns, model, key.fingerprint, next_pacific_midnight(now),
+                     outcome.detail, kind, now)
+    elif kind == "key_invalid":
+        if key.fingerprint not in cooldowns["disabled_keys"]:
+            cooldowns["disabled_keys"][key.fingerprint] = {"reason": outcome.detail,
+                                                           "since": now}
+            notice = (f"{key.label} disabled: {outcome.detail}; fix it, or run "
+                      f"'{PROG} cooldowns --clear {key.label}'")
+    elif kind == "model_unavailable" and model is not None:
+        add_cooldown(cooldowns, model, None, now + MODEL_GONE_SECS, outcome.detail, kind, now)
+        tx.router["model_list"] = None          # the list we routed from is out of date
+    elif kind == "transient" and model is not None:
+        strikes[model] = strikes.get(model, 0) + 1
+        if strikes[model] >= TRANSIENT_STRIKES:
+            add_cooldown(cooldowns, model, None, now + settings.cooldown_secs,
+                         f"{strikes[model]} transient failures in a row: {outcome.detail}",
+                         kind, now)
+            strikes.pop(model)
+    if model is not None and outcome.answered:
+        strikes.pop(model, None)
+    return notice
+
+
+# ======================================================================================
+# Stats: rolling samples summarised per model
+# ======================================================================================
+
+@dataclass
+class ModelStats:
+    model: str
+    samples: int                  # every sample in the window
+    judged: int                   # samples that say something about the model
+    success_rate: float | None    # answered / judged
+    latency_p50_s: float | None   # over successful answers
+    latency_p95_s: float | None
+    prompt_tokens_avg: float | None
+    output_tokens_avg: float | None
+    outcomes: dict[str, int]
+    last_t: float | None
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolated percentile of an already sorted, non-empty list."""
+    if len(sorted_values) == 1:
+        return sorted_values[0]
+    pos = (len(sorted_values) - 1) * q
+    low = math.floor(pos)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (pos - low)
+
+
+def summarize(model: str, samples: list[dict[str, Any]]) -> ModelStats:
+    judged = [s for s in samples if s["kind"] in MODEL_VERDICTS]
+    good = [s for s in samples if s["kind"] == "ok"]
+    latencies = sorted(float(s.get("latency", 0.0)) for s in good)
+    outcomes: dict[str, int] = {}
+    for s in samples:
+        outcomes[s["kind"]] = outcomes.get(s["kind"], 0) + 1
+
+    def mean(name: str) -> float | None:
+        return round(sum(int(s.get(name, 0)) for s in good) / len(good), 1) if good else None
+
+    return ModelStats(
+        model=model, samples=len(samples), judged=len(judged),
+        success_rate=round(sum(1 for s in judged if s["ok"]) / len(judged), 4) if judged else None,
+        latency_p50_s=round(percentile(latencies, 0.5), 4) if latencies else None,
+        latency_p95_s=round(percentile(latencies, 0.95), 4) if latencies else None,
+        prompt_tokens_avg=mean("prompt_tokens"), output_tokens_avg=mean("output_tokens"),
+        outcomes=outcomes, last_t=max((s["t"] for s in samples), default=None))
+
+
+def all_stats(stats_doc: dict[str, Any]) -> dict[str, ModelStats]:
+    return {model: summarize(model, samples)
+            for model, samples in sorted(stats_doc["models"].items()) if samples}
+
+
+# ======================================================================================
+# Tiers: percentile cuts of Fast, Quality and Balance scores
+# ======================================================================================
+# Per metric, ranked models are ordered best first; the model at position i of n has
+# percentile p = (i + 0.5) / n and gets S (p <= 0.2), A (<= 0.5), B (<= 0.8) or C. Equal
+# scores share the tier of the best position among them.
+
+TIER_NAMES = ("fast", "quality", "balance")
+
+
+def tier_for_position(i: int, n: int) -> str:
+    p = (i + 0.5) / n
+    return "S" if p <= 0.2 else "A" if p <= 0.5 else "B" if p <= 0.8 else "C"
+
+
+def assign_tiers(scores: dict[str, Any]) -> dict[str, str]:
+    """Tiers for models whose scores sort ascending best-first (lower is better)."""
+    ordered = sorted(scores, key=lambda m: (scores[m], m))
+    tiers: dict[str, str] = {}
+    for i, model in enumerate(ordered):
+        previous = ordered[i - 1] if i else None
+        if previous is not None and scores[previous] == scores[model]:
+            tiers[model] = tiers[previous]
+        else:
+            tiers[model] = tier_for_position(i, len(ordered))
+    return tiers
+
+
+@dataclass
+class TierRow:
+    model: str
+    fast: str | None
+    quality: str | None
+    balance: str | None
+    success_rate: float | None
+    latency_p50_s: float | None
+    output_limit: int | None
+    input_limit: int | None
+    balance_score: float | None
+    samples: int
+    ranked: bool
+
+
+def model_index(router_doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    listing = router_doc.get("model_list") or {}
+    return {m["name"]: m for m in listing.get("models", []) if isinstance(m, dict)
+            and isinstance(m.get("name"), str)}
+
+
+def compute_tiers(stats: dict[str, ModelStats], models: dict[str, dict[str, Any]],
+                  scoring: str = "balanced") -> dict[str, TierRow]:
+    """Tier rows for every known text model and every model with samples.
+
+    Ranked = has at least one sample that judges the model. Fast: median latency of
+    successful answers (no success -> last). Quality: output token limit, input limit as
+    tie-breaker. Balance: 0.5*success + 0.3*speed + 0.2*capability, each in 0..1 (README);
+    `scoring="seed"` uses the original (1-success)*1000 + latency - max_tokens*0.1."""
+    names = sorted({m for m, info in models.items() if info.get("text")} | set(stats))
+    ranked = [m for m in names if m in stats and stats[m].judged]
+    limits = {m: (int(models.get(m, {}).get("output_limit") or 0),
+                  int(models.get(m, {}).get("input_limit") or 0)) for m in names}
+    latency = {m: stats[m].latency_p50_s for m in ranked}
+    fastest = min((v for v in latency.values() if v), default=None)
+    top_output = max((limits[m][0] for m in ranked), default=0)
+    balance: dict[str, float] = {}
+    for m in ranked:
+        success = stats[m].success_rate or 0.0
+        if scoring == "seed":
+            lat = latency[m] if latency[m] is not None else 1000.0
+            balance[m] = round((1 - success) * 1000 + lat - limits[m][0] * 0.1, 4)
+        else:
+            speed = (fastest / latency[m]) if latency[m] and fastest else 0.0
+            capability = (math.log(limits[m][0]) / math.log(top_output)
+                          if limits[m][0] > 1 and top_output > 1 else 0.0)
+            balance[m] = round(0.5 * success + 0.3 * speed + 0.2 * capability, 4)
+    fast_score = {m: (latency[m] is None, latency[m] or 0.0) for m in ranked}
+    quality_score = {m: (-limits[m][0], -limits[m][1]) for m in ranked}
+    balance_score = {m: (balance[m] if scoring == "seed" else -balance[m]) for m in ranked}
+    fast, quality = assign_tiers(fast_score), assign_tiers(quality_score)
+    bal = assign_tiers(balance_score)
+    # Rows come in Balance order (best first), unranked models last: the default route order.
+    rows = {}
+    for m in sorted(ranked, key=lambda m: (balance_score[m], m)) + \
+            [m for m in names if m not in fast]:
+        st = stats.get(m)
+        rows[m] = TierRow(model=m, fast=fast.get(m), quality=quality.get(m),
+                          balance=bal.get(m), success_rate=st.success_rate if st else None,
+                          latency_p50_s=st.latency_p50_s if st else None,
+                          output_limit=limits[m][0] or None, input_limit=limits[m][1] or None,
+                          balance_score=balance.get(m), samples=st.samples if st else 0,
+                          ranked=m in fast)
+    return rows
+
+
+def tier_order(rows: dict[str, TierRow], tier: str, text_models: list[str]) -> list[str]:
+    """Routing order for a tier: ranked models best first, then unranked by preference."""
+    ranked = [r for r in rows.values() if r.ranked and r.model in text_models]
+    if tier == "fast":
+        ranked.sort(key=lambda r: (r.latency_p50_s is None, r.latency_p50_s or 0.0, r.model))
+    elif tier == "quality":
+        ranked.sort(key=lambda r: (-(r.output_limit or 0), -(r.input_limit or 0), r.model))
+    order = [r.model for r in ranked]        # "balance": rows already come in that order
+    return order + [m for m in default_order(rows, text_models) if m not in order]
+
+
+def default_order(rows: dict[str, TierRow], text_models: list[str]) -> list[str]:
+    """Unmeasured models: the well-known defaults first, then by capability."""
+    preferred = [m for m in DEFAULT_PREFERENCE if m in text_models]
+    rest = sorted((m for m in text_models if m not in preferred),
+                  key=lambda m: (-(rows[m].output_limit or 0) if m in rows else 0, m))
+    return preferred + rest
+
+
+# ======================================================================================
+# Prober: concurrent probes for `rank`
+# ======================================================================================
+
+PROBE_PROMPT = "Reply with the single word: ok"
+
+
+@dataclass
+class ProbeResult:
+    model: str
+    key: ApiKey
+    outcome: Outcome
+    latency: float
+    t: float
+
+
+def probe_models(settings: Settings, store: StateStore, models: list[str], rounds: int,
+                 concurrency: int, progress: bool) -> tuple[list[ProbeResult], list[str]]:
+    """Probe every model `rounds` times; returns (results, models skipped as cooling).
+
+    Results are written to state in one transaction per round (and on Ctrl-C), never with
+    the lock held across a call."""
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    keys = settings.require_keys()
+    client = GeminiClient(settings)
+    with store.transaction() as tx:
+        prune_cooldowns(tx.cooldowns, time.time())
+        cooldowns = json.loads(json.dumps(tx.cooldowns))
+        router = json.loads(json.dumps(tx.router))
+        start = tx.router["next_key"]
+        tx.router["next_key"] = (start + len(models)) % len(keys)
+    results: list[ProbeResult] = []
+    pending: list[ProbeResult] = []
+    skipped: set[str] = set()
+    prompt = PromptRequest(PROBE_PROMPT, options={"max_output_tokens": 16})
+    bar = _progress_bar(len(models) * rounds, progress)
+    mirror_lock = threading.Lock()     # guards the local mirror and the result lists
+
+    def probe(model: str, offset: int) -> None:
+        # Spread over healthy keys: model i starts at key (start + i); key-level failures
+        # move on to the next key so one limited key does not hide a model's health.
+        for step in range(len(keys)):
+            key = keys[(start + offset + step) % len(keys)]
+            with mirror_lock:
+                if blocked_until(cooldowns, router, settings, key, model, time.time()):
+                    continue
+            began = time.perf_counter()
+            outcome = client.generate(key, model, prompt)
+            result = ProbeResult(model, key, outcome, time.perf_counter() - began, time.time())
+            with mirror_lock:
+                pending.append(result)
+                results.append(result)
+                if outcome.kind in ("rate_limited", "daily_quota", "key_invalid"):
+                    # Mirror the state change locally so later probes skip this pair/key.
+                    record_outcome(_MemoryTransaction(cooldowns, router), settings, key,
+                                   model, outcome, result.latency, result.t)
+            if outcome.kind in ("rate_limited", "daily_quota", "key_invalid"):
+                continue
+            return
+        skipped.add(model)
+
+    def flush() -> None:
+        with mirror_lock:
+            batch = list(pending)
+            del pending[:len(batch)]
+        if batch:
+            with store.transaction() as tx:
+                for r in batch:
+                    notice = record_outcome(tx, settings, r.key, r.model, r.outcome,
+                                            r.latency, r.t)
+                    if notice:
+                        warn(notice)
+
+    async def run_round(pool: ThreadPoolExecutor) -> None:
+        loop = asyncio.get_running_loop()
+        tasks = [loop.run_in_executor(pool, probe, m, i) for i, m in enumerate(models)]
+        for task in asyncio.as_completed(tasks):
+            await task
+            if bar is not None:
+                bar.update(1)
+
+    pool = ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(models))))
+    try:
+        for _ in range(rounds):
+            asyncio.run(run_round(pool))
+            flush()
+    except KeyboardInterrupt:
+        flush()
+        if bar is not None:
+            bar.close()
+        # Probes still in flight may hang until the timeout; the samples taken are saved,
+        # so leave without waiting for the worker threads.
+        print(f"{PROG}: interrupted; kept {len(results)} samples", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    if bar is not None:
+        bar.close()
+    return results, sorted(skipped - {r.model for r in results})
+
+
+class _MemoryTransaction(StateTransaction):
+    """record_outcome's view of in-memory copies (the prober's local mirror of state)."""
+
+    def __init__(self, cooldowns: dict[str, Any], router: dict[str, Any]):
+        self._docs = {"cooldowns": cooldowns, "router": router, "stats": empty_doc("stats")}
+        self._original = {}
+
+
+def _progress_bar(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc="probing", unit="probe", file=sys.stderr, leave=False)
+
+
+# ======================================================================================
+# Router: model list, candidate order, key rotation and failover
+# ======================================================================================
+
+@dataclass
+class Attempt:
+    model: str
+    key: str
+    outcome: str
+    latency_s: float
+    detail: str = ""
+
+
+@dataclass
+class RouteResult:
+    model: str
+    key: str
+    text: str
+    finish_reason: str
+    latency_s: float
+    usage: dict[str, int]
+    attempts: list[Attempt]
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def cached_model_list(router_doc: dict[str, Any], settings: Settings,
+                      now: float) -> list[dict[str, Any]] | None:
+    listing = router_doc.get("model_list")
+    if not listing or listing.get("endpoint") != settings.endpoint:
+        return None
+    if now - float(listing.get("fetched_at", 0)) > settings.models_ttl:
+        return None
+    return listing["models"]
+
+
+def fetch_model_list(settings: Settings, store: StateStore, client: GeminiClient | None = None,
+                     out: Output | None = None) -> list[dict[str, Any]]:
+    """List models through the first healthy key (round-robin), cache them, return them."""
+    keys = settings.require_keys()
+    client = client or GeminiClient(settings)
+    with store.transaction(write=False) as tx:
+        start = tx.router["next_key"]
+        disabled = set(tx.cooldowns["disabled_keys"])
+    failures: list[tuple[ApiKey, Outcome]] = []
+    for step in range(len(keys)):
+        key = keys[(start + step) % len(keys)]
+        if key.fingerprint in disabled:
+            continue
+        began = time.perf_counter()
+        listed = client.list_models(key)
+        if isinstance(listed, Outcome):
+            failures.append((key, listed))
+            if out:
+                out.info(f"listing models with {key.label}: {listed.kind}: {listed.detail}")
+            if listed.kind == "unreachable":
+                break
+            continue
+        with store.transaction() as tx:
+            now = time.time()
+            for fkey, failure in failures:
+                notice = record_outcome(tx, settings, fkey, None, failure, 0.0, now)
+                if notice:
+                    warn(notice)
+            tx.router["model_list"] = {"endpoint": settings.endpoint, "fetched_at": now,
+                                       "models": listed}
+        if out:
+            out.info(f"listed {len(listed)} models with {key.label} "
+                     f"in {time.perf_counter() - began:.2f} s")
+        return listed
+    with store.transaction() as tx:
+        for fkey, failure in failures:
+            notice = record_outcome(tx, settings, fkey, None, failure, 0.0, time.time())
+            if notice:
+                warn(notice)
+    if failures and failures[-1][1].kind == "unreachable":
+        raise NothingAvailable(f"cannot reach {settings.endpoint}: {failures[-1][1].detail}")
+    if not failures:
+        raise NothingAvailable("every key is disabled; see 'gemini-router cooldowns'")
+    summary = "; ".join(f"{k.label}: {o.detail}" for k, o in failures)
+    raise NothingAvailable(f"could not list models: {summary}")
+
+
+def known_models(settings: Settings, store: StateStore, refresh: bool = False,
+                 out: Output | None = None) -> list[dict[str, Any]]:
+    """The cached model list, or a fresh one when there is none (or on refresh)."""
+    if not refresh:
+        with store.transaction(write=False) as tx:
+            cached = cached_model_list(tx.router, settings, time.time())
+        if cached is not None:
+            return cached
+    return fetch_model_list(settings, store, out=out)
+
+
+def resolve_model(name: str, models: list[dict[str, Any]]) -> str:
+    """A user-given model name, validated against the list (with or without 'models/')."""
+    wanted = bare_model(name.strip())
+    names = {m["name"] for m in models if "generateContent" in m.get("methods", [])}
+    if wanted in names:
+        return wanted
+    close = sorted(n for n in names if wanted and (wanted in n or n in wanted))[:3]
+    hint = f"; did you mean {', '.join(close)}?" if close else \
+        f"; '{PROG} models --refresh' lists the {len(names)} available"
+    raise UsageError(f"unknown model {wanted!r}{hint}")
+
+
+@dataclass
+class RoutePlan:
+    """The ordered candidates of one route and the reasons, for -v and --dry-run."""
+    models: list[str]
+    why: str
+    notes: list[str] = field(default_factory=list)
+
+
+def plan_route(tx: StateTransaction, settings: Settings, models: list[dict[str, Any]],
+               model: str | None, tier: str | None, scoring: str = "balanced") -> RoutePlan:
+    if model:
+        return RoutePlan([resolve_model(model, models)], "-m given")
+    locked = tx.router.get("lock")
+    if locked:
+        return RoutePlan([locked], f"locked to {locked} ('{PROG} unlock' to release)")
+    text_models = [m["name"] for m in models if m.get("text")]
+    rows = compute_tiers(all_stats(tx.stats), {m["name"]: m for m in models}, scoring)
+    tier = tier or "balance"
+    order = tier_order(rows, tier, text_models)
+    ranked = sum(1 for m in order if rows.get(m) and rows[m].ranked)
+    why = (f"{tier} tier order ({ranked} ranked, {len(order) - ranked} unranked)" if ranked
+           else "no model ranked yet ('gemini-router rank' measures them): default order")
+    return RoutePlan(order, why)
+
+
+class RouteSession:
+    """Walks the plan: per model, rotated keys; per attempt, one state transaction."""
+
+    def __init__(self, settings: Settings, plan: RoutePlan, start: int):
+        self.settings = settings
+        self.plan = plan
+        self.keys = settings.keys
+        self.start = start
+        self.tried: dict[str, set[int]] = {}
+        self.transient: dict[str, int] = {}
+        self.skipped: dict[str, tuple[float | None, str, str]] = {}   # what -> (until, why, label)
+        self.gone: set[str] = set()
+
+    def rotated_keys(self) -> list[ApiKey]:
+        n = len(self.keys)
+        return [self.keys[(self.start + i) % n] for i in range(n)]
+
+    def next_choice(self, tx: StateTransaction, now: float,
+                    reserve: bool = True) -> tuple[str, ApiKey] | None:
+        cooldowns, router = tx.cooldowns, tx.router
+        for model in self.plan.models:
+            # "try the next key once, then the next model": two transient failures end a model.
+            if model in self.gone or self.transient.get(model, 0) >= 2:
+                continue
+            for key in self.rotated_keys():
+                if key.index in self.tried.get(model, set()):
+                    continue
+                blocked = blocked_until(cooldowns, router, self.settings, key, model, now)
+                if blocked is not None:
+                    self.skipped[f"{key.label} on {model}"] = (*blocked, key.label)
+                    continue
+                if reserve:
+                    self.tried.setdefault(model, set()).add(key.index)
+                    count_request(router, self.settings, key, model, now)
+                    router["next_key"] = key.index % len(self.keys)
+                return model, key
+        return None
+
+    def learn(self, model: str, outcome: Outcome) -> None:
+        if outcome.kind == "transient":
+            self.transient[model] = self.transient.get(model, 0) + 1
+        elif outcome.kind == "model_unavailable":
+            self.gone.add(model)
+
+    def earliest(self) -> tuple[float, str] | None:
+        timed = [(until, what) for what, (until, _, _) in self.skipped.items()
+                 if until is not None]
+        return min(timed) if timed else None
+
+
+def route_prompt(settings: Settings, store: StateStore, prompt: PromptRequest, *,
+                 model: str | None = None, tier: str | None = None,
+                 on_text: Callable[[str], None] | None = None,
+                 out: Output | None = None) -> RouteResult:
+    """Send one prompt through the best available (model, key); fail over as ACTIONS say."""
+    settings.require_keys()
+    models = known_models(settings, store, out=out)
+    client = GeminiClient(settings)
+    attempts: list[Attempt] = []
+    last: tuple[str, ApiKey, Outcome, float] | None = None
+    session: RouteSession | None = None
+    while True:
+        with store.transaction() as tx:
+            now = time.time()
+            prune_cooldowns(tx.cooldowns, now)
+            if last is not None:
+                notice = record_outcome(tx, settings, last[1], last[0], last[2], last[3], now)
+                if notice:
+                    warn(notice)
+            if last is not None and ends_route(last[2]):
+                break
+            if session is None:
+                plan = plan_route(tx, settings, models, model, tier)
+                session = RouteSession(settings, plan, tx.router["next_key"])
+                if out:
+                    out.info(f"route: {plan.why}: {', '.join(plan.models[:8])}"
+                             + (" …" if len(plan.models) > 8 else ""))
+            choice = session.next_choice(tx, now)
+        if choice is None:
+            break
+        chosen_model, key = choice
+        if out:
+            out.info(f"trying {chosen_model} with {key.label}")
+        began = time.perf_counter()
+        outcome = client.generate(key, chosen_model, prompt, on_text)
+        latency = time.perf_counter() - began
+        attempts.append(Attempt(chosen_model, key.label, outcome.kind, round(latency, 4),
+                                outcome.detail))
+        if out:
+            out.info(f"  {chosen_model} {key.label}: {outcome.kind} in {latency:.2f} s"
+                     + (f" ({outcome.detail})" if outcome.detail else ""))
+        session.learn(chosen_model, outcome)
+        last = (chosen_model, key, outcome, latency)
+    assert session is not None
+    if last is not None:
+        chosen_model, key, outcome, latency = last
+        if outcome.kind == "ok":
+            return RouteResult(model=chosen_model, key=key.label, text=outcome.text,
+                               finish_reason=outcome.finish_reason, latency_s=round(latency, 4),
+                               usage={"prompt_tokens": outcome.prompt_tokens,
+                                      "output_tokens": outcome.output_tokens,
+                                      "total_tokens": outcome.total_tokens},
+                               attempts=attempts)
+        if outcome.kind in ("blocked", "bad_request") or partial_failure(outcome):
+            raise UpstreamError(f"{chosen_model} {key.label}: {outcome.detail}")
+        if outcome.kind == "unreachable":
+            raise NothingAvailable(f"cannot reach {settings.endpoint}: {outcome.detail}")
+    raise nothing_available(session, attempts)
+
+
+def ends_route(outcome: Outcome) -> bool:
+    """An answer, a failure no other model would fix, or a stream that already printed."""
+    return outcome.kind in ("ok", "blocked", "bad_request", "unreachable") \
+        or partial_failure(outcome)
+
+
+def nothing_available(session: RouteSession, attempts: list[Attempt]) -> NothingAvailable:
+    earliest = session.earliest()
+    tried = "; ".join(f"{a.model} {a.key}: {a.outcome}" for a in attempts[-4:])
+    parts = ["nothing available"]
+    if attempts:
+        parts.append(f"tried {len(attempts)} (last: {tried})")
+    if earliest is not None:
+        until, what = earliest
+        parts.append(f"earliest: {what} in {_duration(until - time.time())}")
+        return NothingAvailable("; ".join(parts), until)
+    if session.skipped:
+        parts.append("every key is disabled or out of quota; see 'gemini-router cooldowns'")
+    return NothingAvailable("; ".join(parts))
+
+
+def partial_failure(outcome: Outcome) -> bool:
+    return outcome.kind == "transient" and outcome.text == "partial"
+
+
+# ======================================================================================
+# CLI
+# ======================================================================================
+
+GENERATION_OPTIONS: dict[str, Callable[[str], Any]] = {
+    "temperature": float, "top_p": float, "top_k": int, "max_output_tokens": int,
+    "stop": str, "candidate_count": int, "response_mime_type": str,
+    "presence_penalty": float, "frequency_penalty": float,
+}
+# Fields the pinned SDK (google-ai-generativelanguage 0.6.15) has no place for.
+UNSUPPORTED_OPTIONS = {"seed": "the pinned SDK's GenerationConfig has no seed field"}
+
+
+class Output:
+    """Where every message goes: results to stdout, everything else to stderr."""
+
+    def __init__(self, json_mode: bool = False, quiet: bool = False, verbose: bool = False):
+        self.json_mode = json_mode
+        self.quiet = quiet
+        self.verbose = verbose
+
+    def info(self, message: str) -> None:
+        """-v detail."""
+        if self.verbose and not self.quiet:
+            print(f"{PROG}: {message}", file=sys.stderr)
+
+    def note(self, message: str) -> None:
+        """Ordinary progress messages; -q silences them."""
+        if not self.quiet:
+            print(f"{PROG}: {message}", file=sys.stderr)
+
+    def emit(self, data: Any, human: Callable[[], str]) -> None:
+        text = json.dumps(data, indent=2, sort_keys=True) if self.json_mode else human()
+        if text:
+            sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
+def _num(value: float | None, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if float(value).is_integer():
+        return str(int(value))
+    return f"{value:.{digits}f}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{math.ceil(seconds)} s"
+    if seconds < 5400:
+        return f"{math.ceil(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def format_table(headers: list[str], rows: list[list[Any]]) -> str:
+    """Aligned columns; numbers right-aligned, text left-aligned."""
+    cells = [[("-" if c is None else str(c)) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    numeric = [bool(cells) and all(_looks_numeric(r[i]) for r in cells)
+               for i in range(len(headers))]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w)
+                         for v, w, num in zip(values, widths, numeric)).rstrip()
+    return "\n".join([line(headers)] + [line(r) for r in cells])
+
+
+def _looks_numeric(text: str) -> bool:
+    return text == "-" or text.replace(".", "", 1).replace("%", "").replace(" s", "").isdigit()
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """-o KEY=VALUE pairs -> GenerationConfig fields; a bad one is a usage error."""
+    valid = ", ".join(sorted(GENERATION_OPTIONS))
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep:
+            raise UsageError(f"option {pair!r} is not KEY=VALUE; valid keys: {valid}")
+        if name in UNSUPPORTED_OPTIONS:
+            raise UsageError(f"option {name!r} is not supported: {UNSUPPORTED_OPTIONS[name]}")
+        if name not in GENERATION_OPTIONS:
+            raise UsageError(f"unknown option {name!r}; valid keys: {valid}")
+        try:
+            value = GENERATION_OPTIONS[name](raw.strip())
+        except ValueError:
+            kind = GENERATION_OPTIONS[name].__name__
+            raise UsageError(f"option {name} needs a{'n' if kind == 'int' else ''} "
+                             f"{ {'int': 'integer', 'float': 'number'}.get(kind, kind)}, "
+                             f"got {raw!r}") from None
+        if name == "stop":
+            options.setdefault("stop_sequences", []).append(value)
+        else:
+            options[name] = value
+    return options
+
+
+def split_model_options(spec: str | None) -> tuple[str | None, list[str]]:
+    """'gemini-2.5-flash?temperature=0.3&max_output_tokens=200' -> (name, ['k=v', ...])."""
+    if not spec or "?" not in spec:
+        return spec, []
+    name, _, query = spec.partition("?")
+    return name, [p for p in query.split("&") if p]
+
+
+SCHEMA_KEYS = {"type", "format", "description", "nullable", "enum", "items", "properties",
+               "required", "minItems", "maxItems"}
+SCHEMA_IGNORED = {"$schema", "$id", "title", "additionalProperties", "default", "examples"}
+
+
+def schema_to_proto(node: Any, where: str = "schema") -> dict[str, Any]:
+    """A JSON Schema subset -> the Schema proto's dict form (type names upper-case)."""
+    if not isinstance(node, dict):
+        raise UsageError(f"{where} must be a JSON object")
+    unknown = set(node) - SCHEMA_KEYS - SCHEMA_IGNORED
+    if unknown:
+        raise UsageError(f"{where}: unsupported schema keyword(s) {', '.join(sorted(unknown))}; "
+                         f"supported: {', '.join(sorted(SCHEMA_KEYS))}")
+    out: dict[str, Any] = {}
+    kind = node.get("type")
+    if isinstance(kind, list):      # ["string", "null"] -> nullable string
+        out["nullable"] = "null" in kind
+        kind = next((k for k in kind if k != "null"), None)
+    if not isinstance(kind, str) or kind.upper() not in (
+            "STRING", "NUMBER", "INTEGER", "BOOLEAN", "ARRAY", "OBJECT"):
+        raise UsageError(f"{where}: 'type' must be one of string, number, integer, boolean, "
+                         "array, object")
+    out["type_"] = kind.upper()
+    for name, proto_name in (("format", "format_"), ("description", "description"),
+                             ("nullable", "nullable"), ("enum", "enum"),
+                             ("required", "required"), ("minItems", "min_items"),
+                             ("maxItems", "max_items")):
+        if name in node:
+            out[proto_name] = node[name]
+    if "items" in node:
+        out["items"] = schema_to_proto(node["items"], f"{where}.items")
+    if "properties" in node:
+        if not isinstance(node["properties"], dict):
+            raise UsageError(f"{where}.properties must be an object")
+        out["properties"] = {k: schema_to_proto(v, f"{where}.properties.{k}")
+                             for k, v in node["properties"].items()}
+    return out
+
+
+def read_stdin_prompt() -> str | None:
+    """stdin, when it is a pipe or a file (never a terminal, /dev/null or a socket)."""
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not (stat.S_ISFIFO(mode) or stat.S_ISREG(mode)):
+        return None
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError("stdin is not valid UTF-8") from None
+
+
+def build_prompt(args: argparse.Namespace) -> PromptRequest:
+    """The prompt from stdin and/or the argument (stdin first), plus options and files."""
+    argument = None if args.prompt == "-" else args.prompt
+    stdin_text = read_stdin_prompt()
+    pieces = [p for p in (stdin_text, argument) if p is not None and p.strip()]
+    if not pieces:
+        raise UsageError("empty prompt: give it as an argument or on stdin")
+    model_name, model_opts = split_model_options(args.model)
+    args.model = model_name
+    options = parse_options(model_opts + (args.option or []))
+    attachments = [read_attachment(path) for path in (args.attach or [])]
+    schema = None
+    if args.schema:
+        try:
+            schema = schema_to_proto(json.loads(Path(args.schema).read_text()))
+        except OSError as exc:
+            raise UsageError(f"cannot read schema {args.schema}: {exc.strerror or exc}") \
+                from None
+        except ValueError as exc:
+            raise UsageError(f"schema {args.schema} is not valid JSON: {exc}") from None
+    return PromptRequest(text="\n\n".join(pieces), system=args.system, options=options,
+                         attachments=attachments, schema=schema)
+
+
+def read_attachment(path: str) -> tuple[str, bytes]:
+    import mimetypes
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read attachment {path}: {exc.strerror or exc}") from None
+    mime = mimetypes.guess_type(path)[0]
+    if mime is None:
+        try:
+            data.decode("utf-8")
+            mime = "text/plain"
+        except UnicodeDecodeError:
+            raise UsageError(f"attachment {path}: unknown file type (use a known "
+                             "extension such as .png, .jpg, .pdf, .txt)") from None
+    return mime, data
+
+
+# --- command handlers -----------------------------------------------------------------
+
+def cmd_route(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    prompt = build_prompt(args)
+    store = StateStore(settings)
+    if args.dry_run:
+        return dry_run(args, settings, store, prompt, out)
+    streamed: list[str] = []
+
+    def on_text(piece: str) -> None:
+        streamed.append(piece)
+        if not out.json_mode:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+    deadline = None if args.wait is None else time.time() + args.wait
+    while True:
+        try:
+            result = route_prompt(settings, store, prompt, model=args.model, tier=args.tier,
+                                  on_text=on_text if args.stream else None, out=out)
+            break
+        except NothingAvailable as exc:
+            if args.wait is None or exc.until is None or exc.until > deadline:
+                raise
+            out.note(f"{exc}; waiting")
+            time.sleep(max(0.0, exc.until - time.time()) + 0.05)
+    if out.json_mode:
+        out.emit(result.as_json(), str)
+    elif args.stream:
+        if streamed and not streamed[-1].endswith("\n"):
+            sys.stdout.write("\n")
+    else:
+        sys.stdout.write(result.text if result.text.endswith("\n") else result.text + "\n")
+    if result.finish_reason not in ("STOP", ""):
+        out.note(f"answer ended with finish reason {result.finish_reason}")
+    out.info(f"answered by {result.model} with {result.key} in {result.latency_s:.2f} s "
+             f"after {len(result.attempts)} attempt(s)")
+    return 0
+
+
+def dry_run(args: argparse.Namespace, settings: Settings, store: StateStore,
+            prompt: PromptRequest, out: Output) -> int:
+    """Explain the choice a route would make, without calling the API."""
+    settings.require_keys()
+    with store.transaction(write=False) as tx:
+        now = time.time()
+        models = cached_model_list(tx.router, settings, now)
+        listed = models is not None
+        if models is None:
+            models = [{"name": m, "text": True, "methods": ["generateContent"]}
+                      for m in DEFAULT_PREFERENCE]
+        plan = plan_route(tx, settings, models, args.model, args.tier)
+        session = RouteSession(settings, plan, tx.router["next_key"])
+        choice = session.next_choice(tx, now, reserve=False)
+    skipped = [{"target": what, "until": until, "reason": why}
+               for what, (until, why, _) in session.skipped.items()]
+    data = {"model": choice[0] if choice else None, "key": choice[1].label if choice else None,
+            "why": plan.why, "order": plan.models, "skipped": skipped,
+            "model_list": "cached" if listed else "not cached (the route would list models "
+                                                   "first)"}
+
+    def human() -> str:
+        lines = [f"would use: {data['model']} with {data['key']}" if choice
+                 else "would use: nothing (every candidate is cooling down or disabled)",
+                 f"because:   {plan.why}",
+                 f"order:     {', '.join(plan.models[:10])}"
+                 + (" …" if len(plan.models) > 10 else "")]
+        for s in skipped:
+            left = "disabled" if s["until"] is None else f"{_duration(s['until'] - now)} left"
+            lines.append(f"skipped:   {s['target']}: {s['reason']} ({left})")
+        if not listed:
+            lines.append("note:      no cached model list; a real route lists models first")
+        return "\n".join(lines)
+    out.emit(data, human)
+    return 0 if choice else 4
+
+
+def cmd_rank(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    import fnmatch
+    store = StateStore(settings)
+    models = known_models(settings, store, refresh=args.refresh, out=out)
+    names = [m["name"] for m in models if m.get("text")]
+    if args.models:
+        patterns = [p.strip() for p in args.models.split(",") if p.strip()]
+        names = [n for n in names if any(fnmatch.fnmatch(n, bare_model(p)) or bare_model(p) in n
+                                         for p in patterns)]
+        if not names:
+            raise UsageError(f"no text model matches {args.models!r}")
+    progress = sys.stderr.isatty() and not out.quiet and not os.environ.get("NO_COLOR")
+    began = time.perf_counter()
+    results, skipped = probe_models(settings, store, names, args.rounds,
+                                    args.concurrency, progress)
+    ok = sum(1 for r in results if r.outcome.kind == "ok")
+    out.note(f"probed {len(names)} models x {args.rounds} round(s): {ok}/{len(results)} ok "
+             f"in {time.perf_counter() - began:.2f} s"
+             + (f"; skipped (cooling): {', '.join(skipped)}" if skipped else ""))
+    return cmd_tiers(args, settings, out)
+
+
+def cmd_tiers(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    with StateStore(settings).transaction(write=False) as tx:
+        rows = compute_tiers(all_stats(tx.stats), model_index(tx.router), args.scoring)
+    ordered = list(rows.values())
+    data = {r.model: {k: v for k, v in asdict(r).items() if k != "model"} for r in ordered}
+
+    def human() -> str:
+        if not rows:
+            return f"no models known yet; run '{PROG} rank'"
+        table = format_table(
+            ["MODEL", "FAST", "QUALITY", "BALANCE", "SUCCESS", "P50", "OUT LIMIT", "SCORE",
+             "SAMPLES"],
+            [[r.model, r.fast or "-", r.quality or "-", r.balance or "-",
+              _pct(r.success_rate), _secs(r.latency_p50_s), r.output_limit,
+              _num(r.balance_score, 3), r.samples] for r in ordered])
+        unranked = sum(1 for r in ordered if not r.ranked)
+        if unranked:
+            table += f"\n\n{unranked} unranked (no samples yet): run '{PROG} rank'"
+        return table
+    out.emit(data, human)
+    return 0
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.0f}%"
+
+
+def _secs(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} s"
+
+
+def cmd_stats(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    with StateStore(settings).transaction(write=False) as tx:
+        stats = all_stats(tx.stats)
+    data = {m: {k: v for k, v in asdict(s).items() if k != "model"} for m, s in stats.items()}
+
+    def human() -> str:
+        if not stats:
+            return f"no samples yet; run '{PROG} rank' or route a prompt"
+        return format_table(
+            ["MODEL", "SAMPLES", "SUCCESS", "P50", "P95", "IN TOK", "OUT TOK", "OUTCOMES"],
+            [[s.model, s.samples, _pct(s.success_rate), _secs(s.latency_p50_s),
+              _secs(s.latency_p95_s), _num(s.prompt_tokens_avg, 0),
+              _num(s.output_tokens_avg, 0),
+              " ".join(f"{k}={v}" for k, v in sorted(s.outcomes.items()))]
+             for s in stats.values()])
+    out.emit(data, human)
+    return 0
+
+
+def cooldown_entries(settings: Settings, cooldowns: dict[str, Any],
+                     now: float) -> list[dict[str, Any]]:
+    entries = [{"model": e.get("model"), "key": settings.label_of(e.get("key")),
+                "reason": e["reason"], "kind": e.get("kind"), "until": round(e["until"], 3),
+                "remaining_s": round(e["until"] - now, 1)}
+               for e in cooldowns["cooldowns"] if e["until"] > now]
+    entries.sort(key=lambda e: e["until"])
+    entries += [{"model": None, "key": settings.label_of(fp), "reason": d.get("reason", ""),
+                 "kind": "disabled", "until": None, "remaining_s": None}
+                for fp, d in sorted(cooldowns["disabled_keys"].items())]
+    return entries
+
+
+def cmd_cooldowns(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    store = StateStore(settings)
+    if args.clear is not None:
+        return clear_cooldowns(args.clear, settings, store, out)
+    with store.transaction(write=False) as tx:
+        now = time.time()
+        entries = cooldown_entries(settings, tx.cooldowns, now)
+
+    def human() -> str:
+        if not entries:
+            return "no active cooldowns"
+        return format_table(
+            ["MODEL", "KEY", "LEFT", "UNTIL", "REASON"],
+            [[e["model"] or "(every model)", e["key"] or "(every key)",
+              "disabled" if e["until"] is None else _duration(e["remaining_s"]),
+              "-" if e["until"] is None else time.strftime("%H:%M:%S",
+                                                           time.localtime(e["until"])),
+              e["reason"]] for e in entries])
+    out.emit(entries, human)
+    return 0
+
+
+def clear_cooldowns(target: str, settings: Settings, store: StateStore, out: Output) -> int:
+    """Clear every cooldown, those of one model, or those (and the disabling) of key#N."""
+    fingerprint = None
+    if target.startswith("key#"):
+        index = target[4:]
+        if not index.isdigit() or not 1 <= int(index) <= len(settings.keys):
+            raise UsageError(f"{target}: no such key (configured: {len(settings.keys)})")
+        fingerprint = settings.keys[int(index) - 1].fingerprint
+    model = bare_model(target) if target and fingerprint is None else None
+    with store.transaction() as tx:
+        cooldowns = tx.cooldowns
+        before = len(cooldowns["cooldowns"]) + len(cooldowns["disabled_keys"])
+        cooldowns["cooldowns"] = [
+            e for e in cooldowns["cooldowns"]
+            if target and not (fingerprint and e.get("key") == fingerprint)
+            and not (model and e.get("model") == model)]
+        if not target:
+            cooldowns["disabled_keys"] = {}
+        elif fingerprint:
+            cooldowns["disabled_keys"].pop(fingerprint, None)
+            tx.router["usage"] = {k: v for k, v in tx.router["usage"].items()
+                                  if not k.startswith(fingerprint + "/")}
+        if model:
+            tx.router["strikes"].pop(model, None)
+        cleared = before - len(cooldowns["cooldowns"]) - len(cooldowns["disabled_keys"])
+    out.emit({"cleared": cleared}, lambda: f"cleared {cleared} cooldown(s)")
+    return 0
+
+
+def cmd_lock(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    store = StateStore(settings)
+    with store.transaction(write=False) as tx:
+        models = cached_model_list(tx.router, settings, time.time())
+    if models is None:
+        models = fetch_model_list(settings, store, out=out)
+    name = resolve_model(args.model, models)
+    with store.transaction() as tx:
+        tx.router["lock"] = name
+    out.emit({"lock": name}, lambda: f"locked to {name}; '{PROG} unlock' releases it")
+    return 0
+
+
+def cmd_unlock(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    with StateStore(settings).transaction() as tx:
+        previous = tx.router.get("lock")
+        tx.router["lock"] = None
+    out.emit({"lock": None, "was": previous},
+             lambda: f"unlocked (was {previous})" if previous else "not locked")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    store = StateStore(settings)
+    models = known_models(settings, store, refresh=args.refresh, out=out)
+    with store.transaction(write=False) as tx:
+        now = time.time()
+        stats = all_stats(tx.stats)
+        locked = tx.router.get("lock")
+        cooling = {e["model"] for e in tx.cooldowns["cooldowns"]
+                   if e["until"] > now and e.get("model") and e.get("key") is None}
+    shown = [m for m in models if args.all or m.get("text")]
+    data = {m["name"]: {"display_name": m.get("display_name"), "input_limit": m["input_limit"],
+                        "output_limit": m["output_limit"], "text": m.get("text"),
+                        "methods": m.get("methods"), "probed": m["name"] in stats,
+                        "cooling": m["name"] in cooling, "locked": m["name"] == locked}
+            for m in shown}
+
+    def human() -> str:
+        table = format_table(
+            ["MODEL", "IN LIMIT", "OUT LIMIT", "PROBED", "STATUS"],
+            [[name, d["input_limit"], d["output_limit"], "yes" if d["probed"] else "no",
+              "locked" if d["locked"] else "cooling" if d["cooling"] else
+              ("" if d["text"] else "not text")] for name, d in data.items()])
+        hidden = len(models) - len(shown)
+        return table + (f"\n\n{hidden} non-text models hidden (--all shows them)"
+                        if hidden else "")
+    out.emit(data, human)
+    return 0
+
+
+# --- the parser ------------------------------------------------------------------------
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line and exit code 2."""
+
+    def error(self, message: str) -> None:    # type: ignore[override]
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    bounds = LIMITS["GEMINI_ROUTER_TIMEOUT"]
+    if not (bounds.low <= value <= bounds.high) or math.isnan(value):
+        raise argparse.ArgumentTypeError(f"must be between {_num(bounds.low)} and "
+                                         f"{_num(bounds.high)}: {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 1000: {text!r}")
+    return value
+
+
+def _wait_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value <= 7 * 86400 or math.isnan(value):
+        raise argparse.ArgumentTypeError(f"must be between 0 and 604800: {text!r}")
+    return value
+
+
+def add_global_options(parser: argparse.ArgumentParser, top: bool) -> None:
+    """Global options, accepted before or after the subcommand.
+
+    The subcommand copies default to SUPPRESS so they do not overwrite a value that was
+    given before the subcommand."""
+    d = (lambda value: value) if top else (lambda value: argparse.SUPPRESS)
+    g = parser.add_argument_group("global options")
+    g.add_argument("-v", "--verbose", action="store_true", default=d(False),
+                   help="show the choice and every attempt on stderr")
+    g.add_argument("-q", "--quiet", action="store_true", default=d(False),
+                   help="no warnings or progress (errors still show)")
+    g.add_argument("--json", action="store_true", default=d(False),
+                   help="print exactly one JSON document on stdout")
+    g.add_argument("--endpoint", metavar="URL", default=d(None),
+                   help="API endpoint (default: $GEMINI_API_ENDPOINT or Google's)")
+    g.add_argument("--state-dir", metavar="DIR", default=d(None),
+                   help="state directory (default: $GEMINI_ROUTER_STATE_DIR or "
+                        "$XDG_STATE_HOME/gemini-router)")
+    g.add_argument("--timeout", metavar="SECONDS", type=_positive_float, default=d(None),
+                   help="per-request timeout (default 60)")
+    g.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog=PROG, description="Send prompts to Google Gemini through the best model and "
+                               "API key available now.",
+        epilog="Exit codes: 0 ok, 1 request failed upstream, 2 usage, 3 configuration, "
+               "4 nothing available, 130 interrupted.")
+    add_global_options(parser, top=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+
+    def command(name: str, help_text: str, handler: Callable[..., int]) -> ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_global_options(p, top=False)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = command("route", "send one prompt through the best available model and key",
+                cmd_route)
+    p.add_argument("prompt", nargs="?", help="the prompt; '-' or omitted reads stdin")
+    p.add_argument("-m", "--model", help="use this model (may carry ?key=value options)")
+    p.add_argument("--tier", choices=TIER_NAMES, help="route in this tier's order "
+                   "(default balance)")
+    p.add_argument("-s", "--system", metavar="TEXT", help="system instruction")
+    p.add_argument("-o", "--option", action="append", metavar="KEY=VALUE",
+                   help="generation option, repeatable: " + ", ".join(sorted(GENERATION_OPTIONS)))
+    p.add_argument("-a", "--attach", action="append", metavar="FILE",
+                   help="attach a text file or an image, repeatable")
+    p.add_argument("--schema", metavar="FILE", help="JSON schema for a JSON answer")
+    p.add_argument("--stream", action="store_true", help="print the answer as it arrives")
+    p.add_argument("--dry-run", action="store_true",
+                   help="explain which model and key would be used; call nothing")
+    p.add_argument("--wait", nargs="?", type=_wait_seconds, const=7 * 86400.0, default=None,
+                   metavar="MAX_SECONDS",
+                   help="when nothing is available, wait for the earliest recovery "
+                        "(at most MAX_SECONDS) and try again")
+
+    p = command("rank", "discover models, probe them concurrently and print the tiers",
+                cmd_rank)
+    p.add_argument("--models", metavar="PATTERN", help="only models matching (glob or "
+                   "substring, comma-separated)")
+    p.add_argument("--rounds", type=_positive_int, default=1, help="probes per model")
+    p.add_argument("--concurrency", type=_positive_int, default=32,
+                   help="probes in flight at once (default 32)")
+    p.add_argument("--refresh", action="store_true", help="relist models first")
+    p.add_argument("--scoring", choices=("balanced", "seed"), default="balanced",
+                   help="Balance formula ('seed' = the original tool's)")
+
+    p = command("tiers", "Fast / Quality / Balance tiers per model (no network)", cmd_tiers)
+    p.add_argument("--scoring", choices=("balanced", "seed"), default="balanced",
+                   help="Balance formula ('seed' = the original tool's)")
+    command("stats", "rolling stats per model (no network)", cmd_stats)
+    p = command("cooldowns", "active cooldowns and disabled keys (no network)", cmd_cooldowns)
+    p.add_argument("--clear", nargs="?", const="", metavar="MODEL|key#N",
+                   help="clear every cooldown, or those of MODEL or key#N")
+    p = command("lock", "pin routing to one model", cmd_lock)
+    p.add_argument("model", help="model name, with or without 'models/'")
+    command("unlock", "remove the pin", cmd_unlock)
+    p = command("models", "the discovered models, their limits and status", cmd_models)
+    p.add_argument("--refresh", action="store_true", help="relist models now")
+    p.add_argument("--all", action="store_true", help="include non-text models")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    global _QUIET
+    argv = sys.argv[1:] if argv is None else argv
+    out = Output()
+    try:
+        args = build_parser().parse_args(argv)
+        if not getattr(args, "command", None):
+            raise UsageError(f"missing command (see '{PROG} --help')")
+        out = Output(json_mode=args.json, quiet=args.quiet, verbose=args.verbose)
+        _QUIET = args.quiet
+        settings = load_settings(dict(os.environ), args)
+        return args.handler(args, settings, out)
+    except RouterError as exc:
+        keys = collect_keys_quietly()
+        print(f"{PROG}: error: {redact(str(exc), keys)}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): not an error worth a message.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except SystemExit as exc:          # --help / --version
+        return int(exc.code or 0)
+
+
+def collect_keys_quietly() -> tuple[ApiKey, ...]:
+    try:
+        return collect_keys(dict(os.environ))
+    except ConfigError:
+        return ()
+
+
+def main_exit() -> None:
+    """The console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    main_exit()
