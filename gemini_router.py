@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -38,7 +37,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:      # annotations only: importing typing would slow every local command
+    from typing import Any, Callable, Iterable, Iterator
 
 __version__ = "1.0.0"
 PROG = "gemini-router"
@@ -58,7 +60,8 @@ SCHEMA_VERSION = 1
 DEFAULT_PREFERENCE = ("gemini-2.5-flash", "gemini-2.0-flash", "gemini-2.5-flash-lite",
                       "gemini-2.0-flash-lite", "gemini-2.5-pro")
 # A model whose name carries one of these words is not a text model, whatever methods it lists.
-NON_TEXT_WORDS = ("embed", "image", "imagen", "tts", "audio", "live", "veo", "aqa", "lyria")
+NON_TEXT_WORDS = ("embed", "image", "imagen", "tts", "audio", "live", "veo", "aqa", "lyria",
+                  "computer-use")
 TRANSIENT_STRIKES = 3          # consecutive transient failures that cool a model down
 MODEL_GONE_SECS = 3600.0       # a 404 model stays out of routing this long
 
@@ -73,17 +76,25 @@ class Limit:
     integer: bool = False
 
     def parse(self, raw: str | None, source: str) -> float:
+        """The setting's value from the environment (blank = default) or a ConfigError."""
         if raw is None or raw.strip() == "":
             return self.default
+        value, problem = self.convert(raw)
+        if problem:
+            raise ConfigError(f"{source} {problem}")
+        return value
+
+    def convert(self, raw: str) -> tuple[float, str | None]:
+        """(value, None), or (nan, what is wrong with raw)."""
         try:
             value = int(raw) if self.integer else float(raw)
         except ValueError:
             kind = "a whole number" if self.integer else "a number"
-            raise ConfigError(f"{source} must be {kind}, got {raw.strip()[:40]!r}") from None
+            return math.nan, f"must be {kind}, got {raw.strip()[:40]!r}"
         if not (self.low <= value <= self.high) or math.isnan(value):
-            raise ConfigError(f"{source} must be between {_num(self.low)} and {_num(self.high)}, "
+            return math.nan, (f"must be between {_num(self.low)} and {_num(self.high)}, "
                               f"got {raw.strip()[:40]}")
-        return value
+        return value, None
 
 
 LIMITS = {
@@ -262,29 +273,51 @@ def empty_doc(name: str) -> dict[str, Any]:
 
 
 def doc_shape_ok(name: str, doc: Any) -> bool:
-    """A light structural check: enough that the code using the document cannot crash."""
-    if not isinstance(doc, dict):
-        return False
+    """A structural check: enough that no code reading the document can crash on it."""
     if name == "stats":
         models = doc.get("models")
         return isinstance(models, dict) and all(
-            isinstance(samples, list) and all(
-                isinstance(s, dict) and isinstance(s.get("t"), (int, float))
-                and isinstance(s.get("ok"), bool) and isinstance(s.get("kind"), str)
-                for s in samples)
+            isinstance(samples, list) and all(_sample_ok(s) for s in samples)
             for samples in models.values())
     if name == "cooldowns":
         entries, disabled = doc.get("cooldowns"), doc.get("disabled_keys")
         return isinstance(entries, list) and isinstance(disabled, dict) and all(
-            isinstance(e, dict) and isinstance(e.get("until"), (int, float))
-            and isinstance(e.get("reason"), str) for e in entries) and all(
-            isinstance(v, dict) for v in disabled.values())
-    model_list = doc.get("model_list")
-    return (isinstance(doc.get("next_key"), int) and isinstance(doc.get("usage"), dict)
+            isinstance(e, dict) and _is_num(e.get("until")) and isinstance(e.get("reason"), str)
+            and _opt_str(e.get("model")) and _opt_str(e.get("key")) for e in entries) \
+            and all(isinstance(v, dict) for v in disabled.values())
+    listing = doc.get("model_list")
+    return (isinstance(doc.get("next_key"), int) and _opt_str(doc.get("lock"))
             and isinstance(doc.get("strikes"), dict)
-            and (doc.get("lock") is None or isinstance(doc.get("lock"), str))
-            and (model_list is None or (isinstance(model_list, dict)
-                                        and isinstance(model_list.get("models"), list))))
+            and all(isinstance(v, int) for v in doc["strikes"].values())
+            and isinstance(doc.get("usage"), dict)
+            and all(isinstance(u, dict) and isinstance(u.get("minute", []), list)
+                    and all(_is_num(t) for t in u.get("minute", []))
+                    and isinstance(u.get("count", 0), int) for u in doc["usage"].values())
+            and (listing is None or (isinstance(listing, dict)
+                                     and _is_num(listing.get("fetched_at"))
+                                     and isinstance(listing.get("models"), list)
+                                     and all(_model_entry_ok(m) for m in listing["models"]))))
+
+
+def _is_num(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _opt_str(value: Any) -> bool:
+    return value is None or isinstance(value, str)
+
+
+def _sample_ok(s: Any) -> bool:
+    return (isinstance(s, dict) and _is_num(s.get("t")) and isinstance(s.get("ok"), bool)
+            and isinstance(s.get("kind"), str) and _is_num(s.get("latency", 0))
+            and isinstance(s.get("prompt_tokens", 0), int)
+            and isinstance(s.get("output_tokens", 0), int))
+
+
+def _model_entry_ok(m: Any) -> bool:
+    return (isinstance(m, dict) and isinstance(m.get("name"), str)
+            and isinstance(m.get("input_limit"), int) and isinstance(m.get("output_limit"), int)
+            and isinstance(m.get("methods"), list) and isinstance(m.get("text"), bool))
 
 
 def warn(message: str) -> None:
@@ -415,7 +448,9 @@ class StateStore:
 
     def write(self, name: str, text: str) -> None:
         path = self.paths[name]
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        # Writes happen only under the lock, so one fixed temp name suffices; a crash's
+        # leftover is simply overwritten by the next write.
+        tmp = path.with_name(f".{path.name}.tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
@@ -446,6 +481,7 @@ class ApiKey:
     @property
     def fingerprint(self) -> str:
         # One-way, short: enough to recognise the key across runs, useless to an attacker.
+        import hashlib
         return hashlib.sha256(self.secret.encode()).hexdigest()[:12]
 
 
@@ -629,9 +665,15 @@ class GeminiClient:
     def _pair(self, key: ApiKey) -> tuple[Any, Any]:
         if key.index not in self._clients:
             opts = {"api_endpoint": self.settings.endpoint, "api_key": key.secret}
-            self._clients[key.index] = (
-                self.glm.GenerativeServiceClient(transport="rest", client_options=opts),
-                self.glm.ModelServiceClient(transport="rest", client_options=opts))
+            pair = (self.glm.GenerativeServiceClient(transport="rest", client_options=opts),
+                    self.glm.ModelServiceClient(transport="rest", client_options=opts))
+            for client in pair:
+                # The REST session "refreshes credentials" and resends on a 401, twice; an
+                # API key cannot be refreshed, so that would only triple a refused key's cost.
+                session = getattr(getattr(client, "_transport", None), "_session", None)
+                if session is not None and hasattr(session, "_refresh_status_codes"):
+                    session._refresh_status_codes = ()
+            self._clients[key.index] = pair
         return self._clients[key.index]
 
     def build_request(self, model: str, prompt: PromptRequest) -> Any:
@@ -1114,14 +1156,15 @@ def probe_models(settings: Settings, store: StateStore, models: list[str], round
     def flush() -> None:
         with mirror_lock:
             batch = list(pending)
-            del pending[:len(batch)]
         if batch:
             with store.transaction() as tx:
-                for r in batch:
-                    notice = record_outcome(tx, settings, r.key, r.model, r.outcome,
-                                            r.latency, r.t)
-                    if notice:
-                        warn(notice)
+                notices = [record_outcome(tx, settings, r.key, r.model, r.outcome, r.latency,
+                                          r.t) for r in batch]
+            # Forget the batch only once it is on disk: a Ctrl-C mid-write retries it.
+            with mirror_lock:
+                del pending[:len(batch)]
+            for notice in filter(None, notices):
+                warn(notice)
 
     async def run_round(pool: ThreadPoolExecutor) -> None:
         loop = asyncio.get_running_loop()
@@ -1325,11 +1368,13 @@ class RouteSession:
             if model in self.gone or self.transient.get(model, 0) >= 2:
                 continue
             for key in self.rotated_keys():
-                if key.index in self.tried.get(model, set()):
-                    continue
+                # Blocked before tried: a pair cooled by this very route must still count
+                # toward the earliest recovery (and --wait).
                 blocked = blocked_until(cooldowns, router, self.settings, key, model, now)
                 if blocked is not None:
                     self.skipped[f"{key.label} on {model}"] = (*blocked, key.label)
+                    continue
+                if key.index in self.tried.get(model, set()):
                     continue
                 if reserve:
                     self.tried.setdefault(model, set()).add(key.index)
@@ -1418,10 +1463,11 @@ def ends_route(outcome: Outcome) -> bool:
 
 def nothing_available(session: RouteSession, attempts: list[Attempt]) -> NothingAvailable:
     earliest = session.earliest()
-    tried = "; ".join(f"{a.model} {a.key}: {a.outcome}" for a in attempts[-4:])
     parts = ["nothing available"]
     if attempts:
-        parts.append(f"tried {len(attempts)} (last: {tried})")
+        last = attempts[-1]
+        parts.append(f"{len(attempts)} attempt(s), last: {last.model} {last.key}: "
+                     f"{last.detail or last.outcome}")
     if earliest is not None:
         until, what = earliest
         parts.append(f"earliest: {what} in {_duration(until - time.time())}")
@@ -1647,15 +1693,17 @@ def cmd_route(args: argparse.Namespace, settings: Settings, out: Output) -> int:
 
     def on_text(piece: str) -> None:
         streamed.append(piece)
-        if not out.json_mode:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        sys.stdout.write(piece)
+        sys.stdout.flush()
 
     deadline = None if args.wait is None else time.time() + args.wait
     while True:
         try:
+            # Under --json the answer goes out in one document at the end, so there is
+            # nothing to stream to the user.
+            streaming = args.stream and not out.json_mode
             result = route_prompt(settings, store, prompt, model=args.model, tier=args.tier,
-                                  on_text=on_text if args.stream else None, out=out)
+                                  on_text=on_text if streaming else None, out=out)
             break
         except NothingAvailable as exc:
             if args.wait is None or exc.until is None or exc.until > deadline:
@@ -1909,36 +1957,14 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    bounds = LIMITS["GEMINI_ROUTER_TIMEOUT"]
-    if not (bounds.low <= value <= bounds.high) or math.isnan(value):
-        raise argparse.ArgumentTypeError(f"must be between {_num(bounds.low)} and "
-                                         f"{_num(bounds.high)}: {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if not 1 <= value <= 1000:
-        raise argparse.ArgumentTypeError(f"must be between 1 and 1000: {text!r}")
-    return value
-
-
-def _wait_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 <= value <= 7 * 86400 or math.isnan(value):
-        raise argparse.ArgumentTypeError(f"must be between 0 and 604800: {text!r}")
-    return value
+def flag_type(limit: Limit) -> Callable[[str], float]:
+    """An argparse `type=` that checks a flag against the same bounds as its setting."""
+    def parse(text: str) -> float:
+        value, problem = limit.convert(text)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+    return parse
 
 
 def add_global_options(parser: argparse.ArgumentParser, top: bool) -> None:
@@ -1959,7 +1985,7 @@ def add_global_options(parser: argparse.ArgumentParser, top: bool) -> None:
     g.add_argument("--state-dir", metavar="DIR", default=d(None),
                    help="state directory (default: $GEMINI_ROUTER_STATE_DIR or "
                         "$XDG_STATE_HOME/gemini-router)")
-    g.add_argument("--timeout", metavar="SECONDS", type=_positive_float, default=d(None),
+    g.add_argument("--timeout", metavar="SECONDS", type=flag_type(LIMITS["GEMINI_ROUTER_TIMEOUT"]), default=d(None),
                    help="per-request timeout (default 60)")
     g.add_argument("--version", action="version", version=f"{PROG} {__version__}")
 
@@ -1994,7 +2020,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--stream", action="store_true", help="print the answer as it arrives")
     p.add_argument("--dry-run", action="store_true",
                    help="explain which model and key would be used; call nothing")
-    p.add_argument("--wait", nargs="?", type=_wait_seconds, const=7 * 86400.0, default=None,
+    p.add_argument("--wait", nargs="?", type=flag_type(Limit("wait", 0, 0, 7 * 86400)),
+                   const=7 * 86400.0, default=None,
                    metavar="MAX_SECONDS",
                    help="when nothing is available, wait for the earliest recovery "
                         "(at most MAX_SECONDS) and try again")
@@ -2003,8 +2030,10 @@ def build_parser() -> ArgumentParser:
                 cmd_rank)
     p.add_argument("--models", metavar="PATTERN", help="only models matching (glob or "
                    "substring, comma-separated)")
-    p.add_argument("--rounds", type=_positive_int, default=1, help="probes per model")
-    p.add_argument("--concurrency", type=_positive_int, default=32,
+    p.add_argument("--rounds", type=flag_type(Limit("rounds", 1, 1, 1000, True)),
+                   default=1, help="probes per model")
+    p.add_argument("--concurrency", default=32,
+                   type=flag_type(Limit("concurrency", 32, 1, 1000, True)),
                    help="probes in flight at once (default 32)")
     p.add_argument("--refresh", action="store_true", help="relist models first")
     p.add_argument("--scoring", choices=("balanced", "seed"), default="balanced",

@@ -1,0 +1,873 @@
+#!/usr/bin/env python3
+"""Speed benchmark for gemini-router (issue "Speed"). Not a test: pytest does not collect it.
+
+    python tests/bench.py [--runs N] [--quick] [--keep]
+
+What it measures, each comparison side by side in one run (medians of N runs; the commands of
+a group are interleaved and their order rotated every run, so machine noise hits all equally):
+
+1. Local commands (tiers, stats, cooldowns, lock, unlock, --help) vs ``python -c pass``,
+   on a steady-state directory (6 models x ROLLING_WINDOW samples, a cached model list, one
+   cooldown). Target: within 2.5x. Also which heavy modules each of them imports.
+2. ``route`` (model list cached) vs a minimal script making the same single SDK call,
+   simulator at 50 ms latency. Target: within 1.10x.
+3. ``rank`` of 24 models at 0.4 s (target < 0.8 s) and of 100 models at 0.4 s with
+   --concurrency 32 (target: about 4 rounds), next to a minimal SDK thread-pool script that
+   sends the same probes.
+4. ``tiers``/``stats`` with 200 models x ROLLING_WINDOW samples (target: within 2.5x of
+   ``python -c pass``), and the state files' sizes.
+5. Where route's time goes: in fresh processes, ``time.perf_counter`` around the steps a route
+   takes (imports, client construction, state transactions, JSON, fsync), plus
+   ``-X importtime`` of ``tiers`` and ``route``.
+
+How the CLI is run: like the installed ``gemini-router`` console script. The working tree's
+``gemini_router.py`` is copied into a temporary directory, byte-compiled there, and started
+through the same shim pip writes; ``python gemini_router.py`` (the source compiled on every
+run) is shown as one extra row. The simulator (tests/fake_gemini.py) runs on threads of this
+process; the commands run as subprocesses with a clean environment and two keys.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import py_compile
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+sys.path.insert(0, str(TESTS))
+sys.path.insert(0, str(ROOT))
+
+from fake_gemini import FakeGemini, make_models  # noqa: E402
+
+import gemini_router as gr  # noqa: E402  (only for the state format: empty_doc, fingerprints)
+
+PY = sys.executable
+KEYS = ["AIzaSyBENCH-ONE-aaaaaaaaaaaaaaaaaaaaaaaaa1", "AIzaSyBENCH-TWO-bbbbbbbbbbbbbbbbbbbbbbbbb2"]
+WINDOW = int(gr.LIMITS["ROLLING_WINDOW"].default)
+ROUTE_LATENCY = 0.05
+RANK_LATENCY = 0.4
+LOCAL_TARGET = 2.5
+ROUTE_TARGET = 1.10
+# Heavy modules a local command must not import (SPEC: no SDK, no tqdm), and others worth seeing.
+FORBIDDEN = {"google.ai.generativelanguage_v1beta": "SDK", "google.generativeai": "SDK",
+             "google.api_core": "SDK", "grpc": "SDK", "proto": "SDK", "tqdm": "tqdm"}
+NOTABLE = ("requests", "urllib3", "google.protobuf", "asyncio", "concurrent.futures",
+           "filelock", "zoneinfo", "logging", "inspect", "dataclasses", "argparse", "typing")
+
+
+# ======================================================================================
+# Measuring
+# ======================================================================================
+
+@dataclass
+class Cmd:
+    """One command line to time. `before` runs untimed before each run (e.g. state reset);
+    `check` validates the (code, stdout, stderr) of the warm-up run."""
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    before: Callable[[], None] | None = None
+    check: Callable[[int, str, str], str | None] | None = None
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+    error: str | None = None
+    stderr_sample: str = ""
+
+
+def run_once(cmd: Cmd) -> tuple[float, float, int, str, str]:
+    """(wall s, child cpu s, exit code, stdout, stderr)."""
+    if cmd.before:
+        cmd.before()
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd.argv, env=cmd.env, stdin=subprocess.DEVNULL, capture_output=True,
+                          cwd=str(ROOT), timeout=300)
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return (wall, cpu, proc.returncode, proc.stdout.decode("utf-8", "replace"),
+            proc.stderr.decode("utf-8", "replace"))
+
+
+def measure(title: str, cmds: list[Cmd], runs: int) -> None:
+    """Warm each command once (validated), then `runs` interleaved rounds, rotating order."""
+    for cmd in cmds:
+        wall, cpu, code, out, err = run_once(cmd)
+        problem = f"exit {code}: {err.strip()[-300:]}" if code else None
+        if problem is None and cmd.check:
+            problem = cmd.check(code, out, err)
+        if problem:
+            cmd.error = problem
+            progress(f"  {cmd.name}: FAILED warm-up: {problem}")
+        cmd.stderr_sample = err
+    live = [c for c in cmds if c.error is None]
+    for r in range(runs):
+        progress(f"{title}: run {r + 1}/{runs}", end="\r")
+        k = r % len(live) if live else 0
+        for cmd in live[k:] + live[:k]:
+            wall, cpu, code, _, err = run_once(cmd)
+            if code:
+                cmd.error = f"exit {code} in run {r + 1}: {err.strip()[-200:]}"
+                break
+            cmd.wall.append(wall)
+            cmd.cpu.append(cpu)
+        live = [c for c in live if c.error is None]
+    progress(f"{title}: done{' ' * 20}")
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def spread(values: list[float]) -> str:
+    if len(values) < 3:
+        return "-"
+    qs = statistics.quantiles(values, n=10)
+    return f"p10 {fmt_s(qs[0])} .. p90 {fmt_s(qs[-1])}"
+
+
+def progress(message: str, end: str = "\n") -> None:
+    print(message, end=end, file=sys.stderr, flush=True)
+
+
+def fmt_s(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.3f} s"
+
+
+def fmt_ms(ms: float | None) -> str:
+    return "-" if ms is None else f"{ms:9.2f} ms"
+
+
+def fmt_bytes(n: int) -> str:
+    return f"{n / 1024:.1f} KiB" if n < 1024 * 1024 else f"{n / 1024 / 1024:.2f} MiB"
+
+
+# ======================================================================================
+# The table
+# ======================================================================================
+
+@dataclass
+class Row:
+    what: str
+    cmd: Cmd | None
+    base: Cmd | None = None
+    ratio_target: float | None = None      # pass when median/base <= this
+    abs_target: float | None = None        # pass when median <= this (seconds)
+    target_text: str = ""
+
+    def cells(self) -> list[str]:
+        if self.cmd is None:
+            return [self.what, "-", "-", "-", "-", "-"]
+        if self.cmd.error:
+            return [self.what, "-", "-", "-", self.target_text or "-", "ERROR"]
+        m = median(self.cmd.wall)
+        b = median(self.base.wall) if self.base and not self.base.error else None
+        ratio = m / b if (m is not None and b) else None
+        verdict = "info"
+        if self.ratio_target is not None and ratio is not None:
+            verdict = "pass" if ratio <= self.ratio_target else "FAIL"
+        elif self.abs_target is not None and m is not None:
+            verdict = "pass" if m <= self.abs_target else "FAIL"
+        return [self.what, fmt_s(m), fmt_s(b), f"{ratio:.2f}x" if ratio else "-",
+                self.target_text or "-", verdict]
+
+
+def print_table(headers: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    print(line(headers))
+    print(line(["-" * w for w in widths]))
+    for r in rows:
+        print(line(r))
+
+
+# ======================================================================================
+# Set-up: the installed-like CLI, environments, state directories
+# ======================================================================================
+
+CONSOLE_SHIM = """\
+# -*- coding: utf-8 -*-
+import re
+import sys
+from gemini_router import main_exit
+if __name__ == '__main__':
+    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])
+    sys.exit(main_exit())
+"""
+
+ROUTE_BASELINE = """\
+# The minimal direct-SDK route: one client, one generate_content call, print the text.
+import os, sys
+from google.ai import generativelanguage_v1beta as glm
+client = glm.GenerativeServiceClient(
+    transport="rest",
+    client_options={"api_endpoint": os.environ["GEMINI_API_ENDPOINT"],
+                    "api_key": os.environ["GEMINI_API_KEY_1"]})
+request = glm.GenerateContentRequest(
+    model="models/" + sys.argv[1],
+    contents=[glm.Content(role="user", parts=[glm.Part(text=sys.argv[2])])])
+response = client.generate_content(request, retry=None, timeout=60)
+print(response.candidates[0].content.parts[0].text)
+"""
+
+RANK_BASELINE = """\
+# The minimal direct-SDK prober: one client, a thread pool, one probe per model.
+import os, sys
+from concurrent.futures import ThreadPoolExecutor
+from google.ai import generativelanguage_v1beta as glm
+client = glm.GenerativeServiceClient(
+    transport="rest",
+    client_options={"api_endpoint": os.environ["GEMINI_API_ENDPOINT"],
+                    "api_key": os.environ["GEMINI_API_KEY_1"]})
+models = sys.argv[2].split(",")
+
+def probe(model):
+    request = glm.GenerateContentRequest(
+        model="models/" + model,
+        contents=[glm.Content(role="user", parts=[glm.Part(text="Reply with the single word: ok")])],
+        generation_config=glm.GenerationConfig(max_output_tokens=16))
+    return client.generate_content(request, retry=None, timeout=60).candidates[0].finish_reason
+
+with ThreadPoolExecutor(max_workers=int(sys.argv[1])) as pool:
+    done = list(pool.map(probe, models))
+print(len(done), "probes")
+"""
+
+
+class Setup:
+    def __init__(self, keep: bool):
+        self.tmp = Path(tempfile.mkdtemp(prefix="gr-bench-"))
+        self.keep = keep
+        self.site = self.tmp / "site"
+        self.site.mkdir()
+        # An installed-like copy: module + its .pyc (as pip install leaves it), and pip's shim.
+        shutil.copy2(ROOT / "gemini_router.py", self.site / "gemini_router.py")
+        py_compile.compile(str(self.site / "gemini_router.py"), doraise=True,
+                           invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)
+        self.shim = self.tmp / "gemini-router"
+        self.shim.write_text(CONSOLE_SHIM)
+        self.route_baseline = self.tmp / "route_baseline.py"
+        self.route_baseline.write_text(ROUTE_BASELINE)
+        self.rank_baseline = self.tmp / "rank_baseline.py"
+        self.rank_baseline.write_text(RANK_BASELINE)
+        self.fakes: list[FakeGemini] = []
+
+    def fake(self, models=None, latency: float = 0.0) -> FakeGemini:
+        f = FakeGemini(models=models, latency=latency).start()
+        self.fakes.append(f)
+        return f
+
+    def env(self, state_dir: Path, endpoint: str) -> dict[str, str]:
+        """A clean environment (nothing from the caller's shell), two keys."""
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("GEMINI_", "GOOGLE_API_KEY", "ROLLING_WINDOW",
+                                    "COOLDOWN_SECS", "STATS_FILE", "STATE_FILE",
+                                    "COOLDOWN_FILE", "XDG_STATE_HOME", "PYTHONPATH"))}
+        env.update(GEMINI_API_ENDPOINT=endpoint, GEMINI_ROUTER_STATE_DIR=str(state_dir),
+                   PYTHONPATH=str(self.site), NO_COLOR="1")
+        for i, key in enumerate(KEYS, 1):
+            env[f"GEMINI_API_KEY_{i}"] = key
+        return env
+
+    def cli(self, *args: str) -> list[str]:
+        return [PY, str(self.shim), *args]
+
+    def run_cli(self, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run(self.cli(*args), env=env, stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=600)
+        if proc.returncode:
+            raise SystemExit(f"set-up command {' '.join(args)} failed ({proc.returncode}): "
+                             f"{proc.stderr.strip()[-500:]}")
+        return proc
+
+    def close(self) -> None:
+        for f in self.fakes:
+            f.stop()
+        if not self.keep:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def fingerprint(secret: str) -> str:
+    return gr.ApiKey(1, secret).fingerprint
+
+
+def synthetic_samples(rng: random.Random, now: float, n: int) -> list[dict]:
+    """n samples in the module's format: mostly ok, a few transient / rate-limited."""
+    out = []
+    for j in range(n):
+        kind = rng.choices(["ok", "transient", "rate_limited"], [90, 7, 3])[0]
+        out.append({"t": round(now - (n - j) * 60.0, 3), "ok": kind == "ok", "kind": kind,
+                    "latency": round(rng.uniform(0.2, 3.0), 4),
+                    "prompt_tokens": rng.randint(5, 400) if kind == "ok" else 0,
+                    "output_tokens": rng.randint(1, 900) if kind == "ok" else 0,
+                    "key": fingerprint(KEYS[j % len(KEYS)])})
+    return out
+
+
+def write_doc(path: Path, doc: dict) -> None:
+    """Written the way the module writes (compact, sorted keys)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, separators=(",", ":"), sort_keys=True))
+
+
+def router_entry(model: dict) -> dict:
+    """A fake_gemini model entry in the router state's model_list format."""
+    name = model["name"].split("/", 1)[1]
+    methods = list(model["supportedGenerationMethods"])
+    return {"name": name, "display_name": model["displayName"],
+            "input_limit": int(model["inputTokenLimit"]),
+            "output_limit": int(model["outputTokenLimit"]), "methods": methods,
+            "text": gr.is_text_model(name, methods)}
+
+
+def write_big_state(state_dir: Path, n_models: int, endpoint: str) -> None:
+    now = time.time()
+    rng = random.Random(42)
+    models = make_models(n_models)
+    stats = gr.empty_doc("stats")
+    stats["models"] = {router_entry(m)["name"]: synthetic_samples(rng, now, WINDOW)
+                       for m in models}
+    router = gr.empty_doc("router")
+    router["model_list"] = {"endpoint": endpoint, "fetched_at": now,
+                            "models": [router_entry(m) for m in models]}
+    write_doc(state_dir / "model_stats.json", stats)
+    write_doc(state_dir / "router_state.json", router)
+
+
+def fill_stats(state_dir: Path, names: list[str]) -> None:
+    """Full rolling windows for `names` (steady state), keeping the real model list."""
+    rng = random.Random(7)
+    stats = gr.empty_doc("stats")
+    stats["models"] = {n: synthetic_samples(rng, time.time(), WINDOW) for n in names}
+    write_doc(state_dir / "model_stats.json", stats)
+
+
+def set_lock(state_dir: Path, value: str | None) -> Callable[[], None]:
+    """An untimed `before` hook: put the router state's lock in a known state."""
+    path = state_dir / "router_state.json"
+
+    def hook() -> None:
+        doc = json.loads(path.read_text())
+        if doc.get("lock") != value:
+            doc["lock"] = value
+            write_doc(path, doc)
+    return hook
+
+
+def drop_model_list(state_dir: Path) -> Callable[[], None]:
+    path = state_dir / "router_state.json"
+
+    def hook() -> None:
+        doc = json.loads(path.read_text())
+        if doc.get("model_list") is not None:
+            doc["model_list"] = None
+            write_doc(path, doc)
+    return hook
+
+
+def expect_json_len(n: int) -> Callable[[int, str, str], str | None]:
+    def check(code: int, out: str, err: str) -> str | None:
+        try:
+            got = len(json.loads(out))
+        except ValueError:
+            return f"stdout is not JSON: {out[:100]!r}"
+        return None if got == n else f"expected {n} models in the output, got {got}"
+    return check
+
+
+def expect_in_stdout(text: str) -> Callable[[int, str, str], str | None]:
+    def check(code: int, out: str, err: str) -> str | None:
+        return None if text in out else f"expected {text!r} in stdout, got {out[:200]!r}"
+    return check
+
+
+def sample_counts(state_dir: Path) -> dict[str, int]:
+    doc = json.loads((state_dir / "model_stats.json").read_text())
+    return {m: len(s) for m, s in doc["models"].items()}
+
+
+def file_sizes(state_dir: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in sorted(state_dir.glob("*.json"))}
+
+
+# ======================================================================================
+# Section 2: where route's time goes (in fresh processes)
+# ======================================================================================
+
+PROFILE_SCRIPT = r'''
+import contextlib, json, os, statistics, sys, time
+from collections import Counter
+P = time.perf_counter
+R = {}
+big_stats = sys.argv[1]
+reps = int(sys.argv[2])
+
+def rec(name, seconds):
+    R[name] = seconds * 1000
+
+def warm(name, fn, n=reps):
+    times = []
+    for _ in range(n):
+        t = P(); fn(); times.append(P() - t)
+    rec(name, statistics.median(times))
+
+t = P(); src = open(os.path.join(os.environ["PYTHONPATH"], "gemini_router.py")).read()
+compile(src, "gemini_router.py", "exec"); rec("compile gemini_router.py source (script form pays this)", P() - t)
+t = P(); import gemini_router as gr; rec("import gemini_router (from .pyc)", P() - t)
+t = P(); parser = gr.build_parser(); rec("build_parser()", P() - t)
+t = P(); args = parser.parse_args(["route", "hi"]); rec("parse_args(route hi)", P() - t)
+t = P(); settings = gr.load_settings(dict(os.environ), args); rec("load_settings (env, 2 keys)", P() - t)
+store = gr.StateStore(settings)
+t = P()
+with store.transaction(write=False) as tx:
+    tx.router
+rec("1st transaction: import filelock + lock + load router", P() - t)
+from filelock import FileLock
+lock_path = str(store.lock_path)
+def lock_only():
+    lk = FileLock(lock_path, timeout=10, mode=0o600); lk.acquire(); lk.release()
+warm("lock acquire + release (warm)", lock_only)
+def read_all():
+    with store.transaction(write=False) as tx:
+        tx.stats; tx.router; tx.cooldowns
+warm("transaction read-only: lock + load 3 files", read_all)
+def read_all_commit():
+    with store.transaction() as tx:
+        tx.stats; tx.router; tx.cooldowns
+warm("transaction, nothing changed: + commit's re-dump of 3 docs", read_all_commit)
+counter = [0]
+def write_router():
+    counter[0] += 1
+    with store.transaction() as tx:
+        tx.router["next_key"] = counter[0] % 2
+warm("transaction writing router_state.json (1 fsync)", write_router)
+def write_stats():
+    with store.transaction() as tx:
+        samples = tx.stats["models"].setdefault("bench-model", [])
+        samples.append({"t": time.time(), "ok": True, "kind": "ok", "latency": 0.1,
+                        "prompt_tokens": 1, "output_tokens": 1, "key": "x"})
+        del samples[:-20]
+warm("transaction appending 1 sample (stats + fsync)", write_stats)
+stats_path = settings.files["stats"]
+text = stats_path.read_text()
+R["(typical model_stats.json bytes)"] = len(text)
+warm("json.loads model_stats.json (typical)", lambda: json.loads(text))
+big = open(big_stats).read()
+R["(200x20 model_stats.json bytes)"] = len(big)
+warm("json.loads model_stats.json (200 x 20)", lambda: json.loads(big))
+big_doc = json.loads(big)
+warm("json.dumps sort_keys (200 x 20) - commit does this per doc", lambda: json.dumps(big_doc, separators=(",", ":"), sort_keys=True))
+warm("doc_shape_ok stats (200 x 20)", lambda: gr.doc_shape_ok("stats", big_doc))
+warm("all_stats + compute_tiers (200 x 20)", lambda: gr.compute_tiers(gr.all_stats(big_doc), {}, "balanced"))
+warm("store.write stats: tmp + fsync + rename", lambda: store.write("stats", text))
+tmp = str(stats_path) + ".nofsync"
+def plain_write():
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, str(stats_path) + ".copy")
+warm("same write without fsync", plain_write)
+os.unlink(str(stats_path) + ".copy")
+t = P(); glm = gr._import_sdk(); rec("import SDK (google.ai.generativelanguage_v1beta)", P() - t)
+opts = {"api_endpoint": settings.endpoint, "api_key": settings.keys[0].secret}
+t = P(); gen = glm.GenerativeServiceClient(transport="rest", client_options=opts); rec("1st GenerativeServiceClient(rest)", P() - t)
+t = P(); mdl = glm.ModelServiceClient(transport="rest", client_options=opts); rec("1st ModelServiceClient(rest) (route does not need it)", P() - t)
+opts2 = {"api_endpoint": settings.endpoint, "api_key": settings.keys[1].secret}
+warm("GenerativeServiceClient(rest), warm", lambda: glm.GenerativeServiceClient(transport="rest", client_options=opts2))
+warm("ModelServiceClient(rest), warm", lambda: glm.ModelServiceClient(transport="rest", client_options=opts2))
+client = gr.GeminiClient(settings)
+prompt = gr.PromptRequest("hi")
+key = settings.keys[0]
+model = gr.DEFAULT_PREFERENCE[0]
+t = P(); client._pair(key); rec("GeminiClient._pair (both clients, warm imports)", P() - t)
+t = P(); out = client.generate(key, model, prompt); rec("1st generate (new connection, lazy imports)", P() - t)
+assert out.kind == "ok", out
+warm("generate, warm (keep-alive)", lambda: client.generate(key, model, prompt))
+warm("list_models (1 page, 14 models)", lambda: client.list_models(key), n=max(3, reps // 2))
+with store.transaction(write=False) as tx:
+    models = gr.cached_model_list(tx.router, settings, time.time())
+    warm("plan_route (typical state)", lambda: gr.plan_route(tx, settings, models, None, None))
+
+# A whole warm route in-process, counting what it does to the state store.
+counts = Counter()
+real_fsync, real_load, real_write = os.fsync, gr.StateStore.load, gr.StateStore.write
+real_tx, real_client = gr.StateStore.transaction, gr.GeminiClient._pair
+def fsync(fd):
+    counts["fsync"] += 1; return real_fsync(fd)
+def load(self, name):
+    counts["file loads"] += 1; return real_load(self, name)
+def write(self, name, text):
+    counts["file writes"] += 1; return real_write(self, name, text)
+@contextlib.contextmanager
+def transaction(self, write=True):
+    counts["transactions"] += 1
+    with real_tx(self, write) as tx:
+        yield tx
+def pair(self, key):
+    counts["client pairs built"] += key.index not in self._clients
+    return real_client(self, key)
+os.fsync, gr.StateStore.load, gr.StateStore.write = fsync, load, write
+gr.StateStore.transaction, gr.GeminiClient._pair = transaction, pair
+t = P(); result = gr.route_prompt(settings, store, prompt); rec("route_prompt in-process, warm, 0 latency", P() - t)
+R["(route_prompt counts)"] = dict(counts)
+print(json.dumps(R))
+'''
+
+
+def profile_route(setup: Setup, seed_state: Path, endpoint: str, big_stats: Path, procs: int,
+                  reps: int) -> tuple[dict[str, float], dict]:
+    script = setup.tmp / "profile_route.py"
+    script.write_text(PROFILE_SCRIPT)
+    runs: list[dict] = []
+    for i in range(procs):
+        progress(f"route profile: process {i + 1}/{procs}", end="\r")
+        state = setup.tmp / f"profile-state-{i}"
+        shutil.copytree(seed_state, state)
+        proc = subprocess.run([PY, str(script), str(big_stats), str(reps)],
+                              env=setup.env(state, endpoint), capture_output=True, text=True,
+                              timeout=300, stdin=subprocess.DEVNULL)
+        if proc.returncode:
+            raise SystemExit(f"profile script failed: {proc.stderr[-2000:]}")
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    progress("route profile: done" + " " * 20)
+    meds = {k: statistics.median(r[k] for r in runs) for k in runs[0]
+            if not isinstance(runs[0][k], dict)}
+    return meds, runs[-1]["(route_prompt counts)"]
+
+
+# ======================================================================================
+# -X importtime
+# ======================================================================================
+
+def import_times(argv: list[str], env: dict[str, str], runs: int) -> dict[str, tuple[int, int, int]]:
+    """module -> (median self us, median cumulative us, depth) over `runs` runs."""
+    seen: dict[str, list[tuple[int, int, int]]] = {}
+    for _ in range(runs):
+        proc = subprocess.run([PY, "-X", "importtime", *argv], env=env, capture_output=True,
+                              text=True, stdin=subprocess.DEVNULL, timeout=120)
+        for line in proc.stderr.splitlines():
+            if not line.startswith("import time:") or "self [us]" in line:
+                continue
+            self_us, cum_us, name = line[len("import time:"):].split("|")
+            depth = (len(name) - len(name.lstrip())) // 2
+            seen.setdefault(name.strip(), []).append((int(self_us), int(cum_us), depth))
+    return {m: (int(statistics.median(v[0] for v in vals)),
+                int(statistics.median(v[1] for v in vals)), vals[0][2])
+            for m, vals in seen.items()}
+
+
+def heavy_imports(modules: dict[str, tuple[int, int, int]]) -> tuple[list[str], list[str]]:
+    forbidden = sorted({label + ":" + name for name, label in FORBIDDEN.items()
+                        if any(m == name or m.startswith(name + ".") for m in modules)})
+    notable = [n for n in NOTABLE if n in modules]
+    return forbidden, notable
+
+
+# ======================================================================================
+# Main
+# ======================================================================================
+
+def machine_header(runs: int) -> list[str]:
+    cpu = platform.processor() or "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?"
+    versions = []
+    from importlib import metadata
+    for dist in ("google-generativeai", "google-ai-generativelanguage", "protobuf", "filelock",
+                 "tqdm", "requests"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions.append(f"{dist} {metadata.version(dist)}")
+    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                         capture_output=True, text=True).stdout.strip() or "?"
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "gemini_router.py"],
+                           capture_output=True, text=True).stdout.strip()
+    digest = hashlib.sha256((ROOT / "gemini_router.py").read_bytes()).hexdigest()[:12]
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    return [
+        "gemini-router speed benchmark (tests/bench.py)",
+        f"date:     {time.strftime('%Y-%m-%d %H:%M:%S %z')}",
+        f"machine:  {cpu}; {os.cpu_count()} cores ({affinity} usable); "
+        f"{platform.machine()}",
+        f"os:       {platform.platform()}",
+        f"python:   {platform.python_implementation()} {platform.python_version()} ({PY})",
+        f"packages: {', '.join(versions)}",
+        f"module:   gemini_router.py sha256 {digest} at {git}"
+        f"{' (modified)' if dirty else ''}",
+        f"method:   medians of {runs} interleaved runs (order rotated each run) after one "
+        f"warm-up; load average at start {load}",
+        "cli:      installed-like: module copied + byte-compiled into a temp dir, run via "
+        "pip's console shim",
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=None, help="runs per command (default 15; 5 with --quick)")
+    ap.add_argument("--quick", action="store_true", help="fewer runs and repetitions")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = ap.parse_args(argv)
+    runs = args.runs or (5 if args.quick else 15)
+    procs = 3 if args.quick else 5                   # fresh processes for the route profile
+    reps = 5 if args.quick else 15                   # repetitions of warm steps inside one
+    itime_runs = 1 if args.quick else 3
+
+    header = machine_header(runs)
+    setup = Setup(args.keep)
+    try:
+        return run_all(setup, runs, procs, reps, itime_runs, header)
+    finally:
+        setup.close()
+
+
+def run_all(setup: Setup, runs: int, procs: int, reps: int, itime_runs: int,
+            header: list[str]) -> int:
+    tmp = setup.tmp
+    progress(f"working in {tmp}")
+
+    # --- steady-state directory for the local commands --------------------------------
+    local_fake = setup.fake()
+    local_dir = tmp / "state-local"
+    local_env = setup.env(local_dir, local_fake.url)
+    # one daily-quota cooldown, so `cooldowns` has something to show
+    local_fake.set_behaviour("rate_day", key=KEYS[0], model="gemini-2.0-flash-lite")
+    setup.run_cli(local_env, "rank")
+    local_fake.clear_behaviours()
+    text_models = [m for m in json.loads(setup.run_cli(local_env, "models", "--json").stdout)]
+    fill_stats(local_dir, text_models)
+    n_text = len(text_models)
+
+    # --- 200 x WINDOW synthetic state -------------------------------------------------
+    big_dir = tmp / "state-200"
+    write_big_state(big_dir, 200, local_fake.url)
+    big_env = setup.env(big_dir, local_fake.url)
+    big_sizes = file_sizes(big_dir)
+
+    # --- group 1: local commands ------------------------------------------------------
+    def cmd(name: str, argv: list[str], env: dict[str, str], **kw) -> Cmd:
+        return Cmd(name, argv, env, **kw)
+
+    baseline = cmd("python -c pass", [PY, "-c", "pass"], local_env)
+    tiers = cmd("tiers", setup.cli("tiers"), local_env)
+    stats = cmd("stats", setup.cli("stats"), local_env)
+    cooldowns = cmd("cooldowns", setup.cli("cooldowns"), local_env,
+                    check=expect_in_stdout("gemini-2.0-flash-lite"))
+    lock = cmd("lock", setup.cli("lock", "gemini-2.5-flash"), local_env,
+               before=set_lock(local_dir, None), check=expect_in_stdout("locked to"))
+    unlock = cmd("unlock", setup.cli("unlock"), local_env,
+                 before=set_lock(local_dir, "gemini-2.5-flash"),
+                 check=expect_in_stdout("unlocked"))
+    helpc = cmd("--help", setup.cli("--help"), local_env, check=expect_in_stdout("usage:"))
+    tiers_json = cmd("tiers --json", setup.cli("tiers", "--json"), local_env,
+                     check=expect_json_len(n_text))
+    tiers_script = cmd("tiers (script)", [PY, str(setup.site / "gemini_router.py"), "tiers"],
+                       local_env)
+    big_tiers = cmd("tiers 200", setup.cli("tiers", "--json"), big_env,
+                    check=expect_json_len(200))
+    big_stats = cmd("stats 200", setup.cli("stats", "--json"), big_env,
+                    check=expect_json_len(200))
+    group1 = [baseline, tiers, stats, cooldowns, lock, unlock, helpc, tiers_json, tiers_script,
+              big_tiers, big_stats]
+    measure("local commands", group1, runs)
+
+    # --- group 2: route vs the minimal SDK call at 50 ms ------------------------------
+    route_fake = setup.fake()
+    route_dir = tmp / "state-route"
+    route_env = setup.env(route_dir, route_fake.url)
+    setup.run_cli(route_env, "rank")
+    fill_stats(route_dir, text_models)
+    route_fake.set_latency(ROUTE_LATENCY)
+    probe = json.loads(setup.run_cli(route_env, "route", "--json", "Say hi").stdout)
+    routed = probe["model"]
+    sizes_before = file_sizes(route_dir)
+    cold_dir = tmp / "state-route-cold"
+    shutil.copytree(route_dir, cold_dir)
+    cold_env = setup.env(cold_dir, route_fake.url)
+    route_base = cmd("route baseline", [PY, str(setup.route_baseline), routed, "Say hi"],
+                     route_env, check=expect_in_stdout(f"[{routed}] Say hi"))
+    route = cmd("route", setup.cli("route", "Say hi"), route_env,
+                check=expect_in_stdout("] Say hi"))
+    route_cold = cmd("route cold", setup.cli("route", "Say hi"), cold_env,
+                     before=drop_model_list(cold_dir), check=expect_in_stdout("] Say hi"))
+    measure("route", [route_base, route, route_cold], runs)
+    sizes_after = file_sizes(route_dir)
+    counts_after = sample_counts(route_dir)
+
+    # --- groups 3 and 4: rank ---------------------------------------------------------
+    rank_rows = []
+    for n, conc in ((24, None), (100, 32)):
+        fake = setup.fake(models=make_models(n), latency=RANK_LATENCY)
+        d = tmp / f"state-rank-{n}"
+        env = setup.env(d, fake.url)
+        fake.set_latency(0)
+        names = list(json.loads(setup.run_cli(env, "models", "--json").stdout))
+        fill_stats(d, names)
+        fake.set_latency(RANK_LATENCY)
+        extra = ["--concurrency", str(conc)] if conc else []
+        rank = cmd(f"rank {n}", setup.cli("rank", *extra), env)
+        base = cmd(f"rank {n} baseline",
+                   [PY, str(setup.rank_baseline), str(conc or 32), ",".join(names)], env,
+                   check=expect_in_stdout(f"{n} probes"))
+        measure(f"rank {n}", [base, rank], runs)
+        rank_rows.append((n, conc, rank, base, d))
+
+    # --- section 2: in-process profile ------------------------------------------------
+    profile_fake = setup.fake()
+    profile_dir = tmp / "state-profile"
+    profile_env = setup.env(profile_dir, profile_fake.url)
+    setup.run_cli(profile_env, "rank")
+    fill_stats(profile_dir, text_models)
+    steps, counts = profile_route(setup, profile_dir, profile_fake.url,
+                                  big_dir / "model_stats.json", procs, reps)
+
+    # --- import times -----------------------------------------------------------------
+    progress("import times ...")
+    itimes = {
+        "tiers": import_times([str(setup.shim), "tiers"], local_env, itime_runs),
+        "route": import_times([str(setup.shim), "route", "Say hi"], route_env, itime_runs),
+    }
+    heavy = {}
+    for name, c_argv, env in (("tiers", ["tiers"], local_env), ("stats", ["stats"], local_env),
+                              ("cooldowns", ["cooldowns"], local_env),
+                              ("lock", ["lock", "gemini-2.5-flash"], local_env),
+                              ("unlock", ["unlock"], local_env), ("--help", ["--help"], local_env),
+                              ("tiers 200", ["tiers"], big_env)):
+        heavy[name] = heavy_imports(import_times([str(setup.shim), *c_argv], env, 1))
+
+    # ================================================================ report
+    print("\n".join(header))
+    print()
+    print("== Speed: medians, side by side ==")
+    rows = [Row("python -c pass (baseline)", baseline)]
+    for c, label in ((tiers, "tiers"), (stats, "stats"), (cooldowns, "cooldowns"),
+                     (lock, "lock (cached model list)"), (unlock, "unlock"), (helpc, "--help"),
+                     (tiers_json, "tiers --json")):
+        rows.append(Row(f"{label} vs python -c pass", c, baseline, LOCAL_TARGET,
+                        target_text=f"<= {LOCAL_TARGET:.2f}x"))
+    rows.append(Row("tiers, script form (python gemini_router.py)", tiers_script, baseline,
+                    target_text="info"))
+    rows.append(Row(f"route warm vs direct SDK call ({ROUTE_LATENCY * 1000:.0f} ms sim)",
+                    route, route_base, ROUTE_TARGET, target_text=f"<= {ROUTE_TARGET:.2f}x"))
+    rows.append(Row("route cold (lists models first) vs direct SDK call", route_cold,
+                    route_base, target_text="info"))
+    for n, conc, rank, base, _ in rank_rows:
+        if conc:
+            rounds = -(-n // conc)
+            limit = rounds * RANK_LATENCY + RANK_LATENCY
+            rows.append(Row(f"rank {n} models @ {RANK_LATENCY} s, --concurrency {conc} "
+                            f"vs SDK pool", rank, base, abs_target=limit,
+                            target_text=f"< {limit:.2f} s ({rounds} rounds + {RANK_LATENCY})"))
+        else:
+            rows.append(Row(f"rank {n} models @ {RANK_LATENCY} s vs SDK pool", rank, base,
+                            abs_target=2 * RANK_LATENCY,
+                            target_text=f"< {2 * RANK_LATENCY:.2f} s"))
+    rows.append(Row(f"tiers, 200 models x {WINDOW} samples vs python -c pass", big_tiers,
+                    baseline, LOCAL_TARGET, target_text=f"<= {LOCAL_TARGET:.2f}x"))
+    rows.append(Row(f"stats, 200 models x {WINDOW} samples vs python -c pass", big_stats,
+                    baseline, target_text="info"))
+    print_table(["what", "median", "baseline median", "ratio", "target", "verdict"],
+                [r.cells() for r in rows], right={1, 2, 3})
+
+    print()
+    print("spread and child CPU (user+sys) per command:")
+    all_cmds = group1 + [route_base, route, route_cold] + [x for r in rank_rows for x in r[3:1:-1]]
+    print_table(["command", "median wall", "spread", "median cpu", "runs"],
+                [[c.name, fmt_s(median(c.wall)), spread(c.wall), fmt_s(median(c.cpu)),
+                  str(len(c.wall))] for c in all_cmds], right={1, 3, 4})
+    errors = [c for c in all_cmds if c.error]
+    for c in errors:
+        print(f"ERROR {c.name}: {c.error}")
+    for n, conc, rank, base, _ in rank_rows:
+        noisy = [ln for ln in rank.stderr_sample.splitlines() if "pool is full" in ln]
+        if noisy:
+            print(f"note: rank {n} warm-up printed {len(noisy)} urllib3 'Connection pool is "
+                  f"full' warning(s) on stderr")
+
+    print()
+    print("== State files ==")
+    bytes_per_sample = big_sizes["model_stats.json"] / (200 * WINDOW)
+    size_rows = [[f"200 models x {WINDOW} samples (synthetic)", name, fmt_bytes(size)]
+                 for name, size in big_sizes.items()]
+    size_rows.append(["", "bytes per sample", f"{bytes_per_sample:.0f} B"])
+    for name, size in sizes_before.items():
+        size_rows.append([f"route dir before {runs + 1} routes", name, fmt_bytes(size)])
+    for name, size in sizes_after.items():
+        size_rows.append([f"route dir after {runs + 1} routes", name, fmt_bytes(size)])
+    for n, conc, rank, base, d in rank_rows:
+        for name, size in file_sizes(d).items():
+            size_rows.append([f"rank {n} dir after {len(rank.wall) + 1} ranks", name,
+                              fmt_bytes(size)])
+    print_table(["state", "file", "size"], size_rows, right={2})
+    worst = max(counts_after.values(), default=0)
+    grown = sizes_after.get("model_stats.json", 0) - sizes_before.get("model_stats.json", 0)
+    print(f"bounded: most samples kept for one model after the routes = {worst} "
+          f"(ROLLING_WINDOW {WINDOW}): {'pass' if worst <= WINDOW else 'FAIL'}; "
+          f"model_stats.json grew by {grown} B over {runs + 1} routes")
+    for n, conc, rank, base, d in rank_rows:
+        w = max(sample_counts(d).values(), default=0)
+        print(f"bounded: rank {n} dir, most samples for one model = {w}: "
+              f"{'pass' if w <= WINDOW else 'FAIL'}")
+
+    print()
+    print("== Where route's time goes (in-process, time.perf_counter; medians of "
+          f"{procs} fresh processes, warm steps repeated {reps}x) ==")
+    print(f"simulator latency 0 here; state: {n_text} models x {WINDOW} samples, cached list")
+    step_rows = []
+    for name, ms in steps.items():
+        if name.startswith("("):
+            step_rows.append([name, f"{int(ms)} B" if "bytes" in name else fmt_ms(ms)])
+        else:
+            step_rows.append([name, fmt_ms(ms)])
+    print_table(["step", "time"], step_rows, right={1})
+    print(f"one warm route_prompt did: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    startup = median(baseline.wall) * 1000
+    print(f"for scale: python -c pass = {startup:.1f} ms; route's median wall minus the "
+          f"direct SDK script's = "
+          f"{(median(route.wall) - median(route_base.wall)) * 1000:.1f} ms"
+          if route.wall and route_base.wall else "")
+
+    for title, mods in itimes.items():
+        print()
+        print(f"== -X importtime: {title}, 10 biggest by cumulative time "
+              f"(median of {itime_runs}) ==")
+        total = sum(v[0] for v in mods.values())
+        top = sorted(mods.items(), key=lambda kv: -kv[1][1])[:10]
+        print_table(["module (indent = nesting)", "self", "cumulative"],
+                    [["  " * depth + m, f"{s / 1000:.1f} ms", f"{c / 1000:.1f} ms"]
+                     for m, (s, c, depth) in top], right={1, 2})
+        print(f"all imports: {len(mods)} modules, {total / 1000:.1f} ms self time in total")
+
+    print()
+    print("== Heavy imports per local command (-X importtime) ==")
+    print_table(["command", "SDK / tqdm imported", "other notable modules"],
+                [[name, ", ".join(f) or "none", ", ".join(n) or "-"]
+                 for name, (f, n) in heavy.items()])
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

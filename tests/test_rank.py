@@ -1,0 +1,385 @@
+"""`rank`: model discovery, the concurrent prober, and the routing order its samples produce.
+
+What this file proves, against the fake Gemini through the real SDK:
+- discovery keeps generateContent-capable text models only (embedding, image, TTS, audio/live,
+  AQA are never called), follows list pages, lists through another key when one fails, and
+  caches the list in state with a TTL (GEMINI_ROUTER_MODELS_TTL) so `route`/`lock` don't relist;
+- the prober runs probes concurrently (24 models x 0.4 s in well under 2 s), honours
+  `--concurrency`, `--rounds` and `--models`, spreads probes evenly over the healthy keys, skips
+  (key, model) pairs that are cooling down, records outcomes exactly as `route` does, shows
+  tqdm progress only on a terminal, and keeps its samples when interrupted;
+- `route` follows the Balance order after a rank (skipping cooling models), and
+  `--tier fast|quality` picks those orders.
+
+The pure tier arithmetic and the `tiers` command are in test_tiers.py.
+"""
+from __future__ import annotations
+
+import os
+import pty
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import KEYS, ROOT
+from fake_gemini import DEFAULT_MODELS, make_models
+
+import gemini_router as gr
+
+TEXT_MODELS = ["gemini-2.5-pro", "gemini-2.5-flash", "gemini-2.5-flash-lite",
+               "gemini-2.0-flash", "gemini-2.0-flash-lite", "gemma-3-27b-it"]
+NON_TEXT_MODELS = ["text-embedding-004", "gemini-embedding-001", "imagen-4.0-generate-001",
+                   "gemini-2.5-flash-preview-tts", "gemini-2.0-flash-preview-image-generation",
+                   "gemini-2.5-flash-native-audio-preview-09-2025",
+                   "gemini-live-2.5-flash-preview", "aqa"]
+
+
+def rank(run_main, *args, keys=None, env=None):
+    r = run_main("rank", "-q", *args, keys=keys, env=env)
+    assert r.code == 0, r.err
+    return r
+
+
+def route_json(run_main, *args, keys=None, env=None) -> dict:
+    r = run_main("route", "--json", *args, "hello", keys=keys, env=env)
+    assert r.code == 0, r.err
+    return r.json()
+
+
+def json_of(run_main, *args) -> dict | list:
+    r = run_main(*args, "--json")
+    assert r.code == 0, r.err
+    return r.json()
+
+
+def generate_counts(fake, models) -> dict[str, int]:
+    return {m: fake.count(model=m, action="generate") for m in models}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def sdk_imported():
+    """Import the SDK once up front so its ~0.5 s import is not inside a timed rank."""
+    gr._import_sdk()
+
+
+# ----------------------------------------------------------------------------------------
+# Discovery
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("entry", DEFAULT_MODELS, ids=lambda e: e["name"])
+def test_is_text_model_rule(entry):
+    name = entry["name"].removeprefix("models/")
+    assert gr.is_text_model(name, entry["supportedGenerationMethods"]) is \
+        (name in TEXT_MODELS)
+
+
+def test_rank_probes_every_text_model_exactly_once(run_main, fake):
+    rank(run_main)
+    assert generate_counts(fake, TEXT_MODELS) == {m: 1 for m in TEXT_MODELS}
+    assert fake.count(action="generate") == len(TEXT_MODELS)
+    stats = json_of(run_main, "stats")
+    assert sorted(stats) == sorted(TEXT_MODELS)
+    assert all(stats[m]["samples"] == 1 for m in TEXT_MODELS)
+
+
+@pytest.mark.parametrize("model", NON_TEXT_MODELS)
+def test_excluded_models_are_never_probed(run_main, fake, model):
+    rank(run_main, "--rounds", "2")
+    assert fake.count(model=model) == 0
+    assert model not in json_of(run_main, "tiers")
+
+
+def test_probe_is_a_tiny_prompt_with_small_max_output_tokens(run_main, fake):
+    rank(run_main, "--models", "gemini-2.0-flash-lite")
+    [call] = [c for c in fake.calls if c.action == "generate"]
+    assert call.model == "gemini-2.0-flash-lite"
+    max_tokens = call.body["generationConfig"]["maxOutputTokens"]
+    assert 1 <= max_tokens <= 64
+    prompt = " ".join(p["text"] for c in call.body["contents"] for p in c["parts"])
+    assert len(prompt) <= 100
+
+
+def test_discovery_follows_pages(run_main, fake):
+    fake.page_size_cap = 3                  # 14 models -> pages of 3, 3, 3, 3, 2
+    rank(run_main)
+    assert fake.count(action="list") == 5
+    assert generate_counts(fake, TEXT_MODELS) == {m: 1 for m in TEXT_MODELS}
+    assert sorted(json_of(run_main, "tiers")) == sorted(TEXT_MODELS)
+
+
+def test_discovery_lists_through_another_key_when_one_fails(run_main, fake):
+    fake.set_behaviour("unavailable", key=KEYS[0], times=1)
+    rank(run_main)
+    assert fake.count(key=KEYS[0], action="list") == 1
+    assert fake.count(key=KEYS[1], action="list") == 1
+    assert fake.count(action="generate") == len(TEXT_MODELS)
+
+
+def test_model_list_is_cached_across_routes(run_main, fake):
+    route_json(run_main)
+    assert fake.count(action="list") == 1
+    fake.reset_log()
+    route_json(run_main)
+    assert fake.count(action="list") == 0
+    assert fake.count(action="generate") == 1
+
+
+def test_rank_fills_the_cache_for_route_and_lock(run_main, fake):
+    rank(run_main)
+    fake.reset_log()
+    route_json(run_main)
+    assert run_main("lock", "gemini-2.0-flash").code == 0
+    assert fake.count(action="list") == 0
+
+
+def test_models_ttl_zero_relists_on_every_route(run_main, fake):
+    env = {"GEMINI_ROUTER_MODELS_TTL": "0"}
+    route_json(run_main, env=env)
+    route_json(run_main, env=env)
+    assert fake.count(action="list") == 2
+
+
+def test_models_ttl_expiry_relists(run_main, fake):
+    route_json(run_main, env={"GEMINI_ROUTER_MODELS_TTL": "1"})
+    time.sleep(1.1)
+    route_json(run_main, env={"GEMINI_ROUTER_MODELS_TTL": "1"})
+    assert fake.count(action="list") == 2
+
+
+# ----------------------------------------------------------------------------------------
+# The prober
+# ----------------------------------------------------------------------------------------
+
+def test_probes_run_concurrently(run_main, fake):
+    fake.models = make_models(24)
+    fake.set_latency(0.4)
+    began = time.perf_counter()
+    rank(run_main, keys=KEYS)
+    elapsed = time.perf_counter() - began
+    assert fake.count(action="generate") == 24
+    assert elapsed < 2.0, f"24 probes at 0.4 s took {elapsed:.2f} s: not concurrent"
+
+
+def test_probes_are_spread_evenly_across_keys(run_main, fake):
+    fake.models = make_models(24)
+    rank(run_main, keys=KEYS)
+    assert [fake.count(key=k, action="generate") for k in KEYS] == [8, 8, 8]
+
+
+def test_probes_are_spread_evenly_across_the_healthy_keys(run_main, fake):
+    # key#1 is refused (disabled while listing): the 24 probes go 12 / 12 to key#2 and key#3.
+    fake.models = make_models(24)
+    fake.set_behaviour("invalid_key", key=KEYS[0])
+    rank(run_main, keys=KEYS)
+    assert fake.count(key=KEYS[0], action="generate") == 0
+    assert [fake.count(key=k, action="generate") for k in KEYS[1:]] == [12, 12]
+
+
+def test_concurrency_flag_bounds_probes_in_flight(run_main, fake):
+    fake.models = make_models(6)
+    for entry in fake.models:           # per-model latency: the list call stays instant
+        fake.set_latency(0.2, model=entry["name"])
+    began = time.perf_counter()
+    rank(run_main, "--concurrency", "1")
+    elapsed = time.perf_counter() - began
+    assert fake.count(action="generate") == 6
+    assert elapsed >= 1.2, f"6 probes x 0.2 s one at a time took only {elapsed:.2f} s"
+
+
+def test_rounds_take_that_many_samples_per_model(run_main, fake):
+    rank(run_main, "--rounds", "3")
+    assert generate_counts(fake, TEXT_MODELS) == {m: 3 for m in TEXT_MODELS}
+    stats = json_of(run_main, "stats")
+    assert {m: stats[m]["samples"] for m in TEXT_MODELS} == {m: 3 for m in TEXT_MODELS}
+
+
+def test_models_pattern_restricts_the_probe(run_main, fake):
+    rank(run_main, "--models", "gemini-2.5*")
+    probed = ["gemini-2.5-pro", "gemini-2.5-flash", "gemini-2.5-flash-lite"]
+    assert generate_counts(fake, TEXT_MODELS) == {m: int(m in probed) for m in TEXT_MODELS}
+    assert fake.count(action="generate") == 3       # TTS / native-audio 2.5 models excluded
+    assert sorted(json_of(run_main, "stats")) == sorted(probed)
+
+
+def test_models_pattern_matching_nothing_is_a_usage_error(run_main, fake):
+    r = run_main("rank", "--models", "no-such-model*")
+    assert r.code == 2
+    assert "no-such-model" in r.err
+    assert fake.count(action="generate") == 0
+
+
+def test_probe_skips_a_cooling_key_model_pair(run_main, fake):
+    model = "gemini-2.0-flash"
+    fake.set_behaviour("rate_minute", key=KEYS[0], model=model, times=1)
+    route_json(run_main, "-m", model)        # key#1 answers 429 -> (model, key#1) cools
+    assert fake.count(key=KEYS[0], model=model, action="generate") == 1
+    fake.reset_log()
+    rank(run_main, "--models", model)
+    assert fake.count(key=KEYS[0], model=model, action="generate") == 0
+    assert fake.count(key=KEYS[1], model=model, action="generate") == 1
+    assert json_of(run_main, "stats")[model]["success_rate"] == 1.0
+
+
+def test_probe_skips_a_model_cooling_on_every_key(run_main, fake):
+    model = "gemini-2.5-pro"
+    fake.set_behaviour("rate_minute", model=model)
+    rank(run_main)                             # 429 on both keys: both pairs cool down
+    fake.reset_log()
+    r = rank(run_main)
+    assert fake.count(model=model) == 0
+    others = [m for m in TEXT_MODELS if m != model]
+    assert generate_counts(fake, others) == {m: 1 for m in others}
+    assert model in json_of(run_main, "tiers")    # still shown, not dropped
+    del r
+
+
+def test_probe_outcomes_are_recorded_like_routes(run_main, fake):
+    # A 429 seen by `route` and one seen by `rank` leave the same kind of cooldown.
+    fake.set_behaviour("rate_minute", key=KEYS[0], model="gemini-2.0-flash", times=1)
+    route_json(run_main, "-m", "gemini-2.0-flash")
+    fake.set_behaviour("rate_minute", model="gemma-3-27b-it", times=1)
+    rank(run_main, "--models", "gemma-3-27b-it")
+    entries = json_of(run_main, "cooldowns")
+    by_model = {e["model"]: e for e in entries}
+    routed, probed = by_model["gemini-2.0-flash"], by_model["gemma-3-27b-it"]
+    assert routed["reason"] == probed["reason"]
+    assert routed["key"] == "key#1"
+    assert probed["key"] in ("key#1", "key#2")
+    for entry in (routed, probed):
+        assert 20 <= entry["remaining_s"] <= 26
+    # The probe then moved to the other key and took a good sample.
+    assert json_of(run_main, "stats")["gemma-3-27b-it"]["success_rate"] == 1.0
+
+
+def test_probe_disables_a_refused_key(run_main, fake):
+    fake.set_behaviour("invalid_key", key=KEYS[1])
+    rank(run_main)
+    assert fake.count(key=KEYS[1], action="list") == 0
+    disabled = [e for e in json_of(run_main, "cooldowns") if e["until"] is None]
+    assert [(e["model"], e["key"]) for e in disabled] == [(None, "key#2")]
+    stats = json_of(run_main, "stats")
+    assert {m: stats[m]["success_rate"] for m in TEXT_MODELS} == {m: 1.0 for m in TEXT_MODELS}
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(cli):
+    r = cli("rank")
+    assert r.code == 0, r.err
+    assert "probing" not in r.err and "\r" not in r.err
+    assert "\r" not in r.out
+
+
+def test_progress_bar_on_a_terminal(cli):
+    master, slave = pty.openpty()
+    env = {k: v for k, v in cli.env.items() if k != "NO_COLOR"}
+    try:
+        proc = subprocess.run([sys.executable, str(ROOT / "gemini_router.py"), "rank"],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave,
+                              env=env, cwd=str(ROOT), timeout=60)
+        os.close(slave)
+        err = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            err += chunk
+    finally:
+        os.close(master)
+    assert proc.returncode == 0
+    assert b"probing" in err
+    assert b"probing" not in proc.stdout
+
+
+def test_interrupt_keeps_the_samples_already_taken(cli, fake):
+    fast = ["gemini-2.5-flash", "gemini-2.0-flash", "gemini-2.0-flash-lite"]
+    for model in set(TEXT_MODELS) - set(fast):
+        fake.set_behaviour("hang", model=model, seconds=30)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "gemini_router.py"), "rank"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=cli.env, cwd=str(ROOT))
+    try:
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            done = [c for c in fake.calls if c.action == "generate" and c.status == 200]
+            hanging = [c for c in fake.calls if c.action == "generate" and c.status == 0]
+            if len(done) == 3 and len(hanging) == 3:
+                break
+            time.sleep(0.05)
+        time.sleep(0.2)                       # let the answered probes finish recording
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert b"Traceback" not in err
+    stats = cli.state("stats")["models"]
+    assert sorted(stats) == sorted(fast)
+    assert all(len(samples) == 1 and samples[0]["ok"] for samples in stats.values())
+
+
+# ----------------------------------------------------------------------------------------
+# Routing order after a rank
+# ----------------------------------------------------------------------------------------
+
+def rank_with_distinct_orders(run_main, fake):
+    """A rank after which Fast, Quality and Balance each put a different model first.
+
+    gemma-3-27b-it   0.03 s, fails 1 probe of 2   -> fastest, but only 50% reliable
+    gemini-2.0-flash 0.06 s, reliable, 8192       -> best Balance
+    gemini-2.5-pro   0.3 s, outputTokenLimit 131072 (raised here) -> best Quality
+    the rest         0.3 s
+    """
+    for entry in fake.models:
+        if entry["name"] == "models/gemini-2.5-pro":
+            entry["outputTokenLimit"] = 131072
+    fake.set_latency(0.3)
+    fake.set_latency(0.03, model="gemma-3-27b-it")
+    fake.set_latency(0.06, model="gemini-2.0-flash")
+    fake.set_behaviour("error500", model="gemma-3-27b-it", times=1)
+    rank(run_main, "--rounds", "2")
+    fake.set_latency(0.0)
+    fake.reset_log()
+
+
+def test_route_follows_balance_order_after_rank(run_main, fake):
+    rank_with_distinct_orders(run_main, fake)
+    tiers = json_of(run_main, "tiers")
+    assert tiers["gemini-2.0-flash"]["balance"] == "S"
+    assert route_json(run_main)["model"] == "gemini-2.0-flash"
+    assert route_json(run_main, "--tier", "balance")["model"] == "gemini-2.0-flash"
+
+
+def test_route_tier_fast_picks_the_lowest_latency_model(run_main, fake):
+    rank_with_distinct_orders(run_main, fake)
+    assert json_of(run_main, "tiers")["gemma-3-27b-it"]["fast"] == "S"
+    assert route_json(run_main, "--tier", "fast")["model"] == "gemma-3-27b-it"
+
+
+def test_route_tier_quality_picks_the_most_capable_model(run_main, fake):
+    rank_with_distinct_orders(run_main, fake)
+    assert json_of(run_main, "tiers")["gemini-2.5-pro"]["quality"] == "S"
+    assert route_json(run_main, "--tier", "quality")["model"] == "gemini-2.5-pro"
+
+
+def test_route_skips_a_cooling_model_in_balance_order(run_main, fake):
+    rank_with_distinct_orders(run_main, fake)
+    tiers = json_of(run_main, "tiers")
+    order = sorted((m for m in tiers if tiers[m]["ranked"]),
+                   key=lambda m: -tiers[m]["balance_score"])
+    best, runner_up = order[0], order[1]
+    assert best == "gemini-2.0-flash"
+    fake.set_behaviour("rate_minute", model=best)
+    first = route_json(run_main)               # 429 on both keys, then the next model
+    assert first["model"] == runner_up
+    assert fake.count(model=best, action="generate") == 2
+    fake.reset_log()
+    second = route_json(run_main)
+    assert second["model"] == runner_up
+    assert fake.count(model=best) == 0         # cooling: not even tried
