@@ -499,7 +499,7 @@ def bare_model(name: str) -> str:
 
 @dataclass
 class Outcome:
-    """What one upstream call came to. `kind` decides the router's action (see ACTIONS)."""
+    """What one upstream call came to. `kind` decides what `record_outcome` and the route do."""
     kind: str                    # ok | blocked | rate_limited | daily_quota | key_invalid |
     #                              model_unavailable | transient | bad_request | unreachable
     detail: str = ""
@@ -830,11 +830,12 @@ def prune_cooldowns(cooldowns: dict[str, Any], now: float) -> None:
 
 
 def blocked_until(cooldowns: dict[str, Any], router: dict[str, Any], settings: Settings,
-                  key: ApiKey, model: str, now: float) -> tuple[float | None, str] | None:
+                  key: ApiKey, model: str | None, now: float) -> tuple[float | None, str] | None:
     """Why (key, model) cannot be called now: (until, reason); until None = disabled key.
 
     None means it is free. Looks at disabled keys, cooldowns on the pair, the key or the
-    model, and the proactive per-minute and per-day ceilings."""
+    model, and the proactive per-minute and per-day ceilings. model=None asks about the key
+    as a whole (disabled, or cooling for every model)."""
     disabled = cooldowns["disabled_keys"].get(key.fingerprint)
     if disabled is not None:
         return None, f"disabled: {disabled.get('reason', '')}"
@@ -849,9 +850,9 @@ def blocked_until(cooldowns: dict[str, Any], router: dict[str, Any], settings: S
     return ceiling_until(router, settings, key, model, now)
 
 
-def ceiling_until(router: dict[str, Any], settings: Settings, key: ApiKey, model: str,
+def ceiling_until(router: dict[str, Any], settings: Settings, key: ApiKey, model: str | None,
                   now: float) -> tuple[float, str] | None:
-    if not (settings.rpm_limit or settings.rpd_limit):
+    if model is None or not (settings.rpm_limit or settings.rpd_limit):
         return None
     usage = router["usage"].get(f"{key.fingerprint}/{model}")
     if not usage:
@@ -1039,7 +1040,9 @@ def compute_tiers(stats: dict[str, ModelStats], models: dict[str, dict[str, Any]
     limits = {m: (int(models.get(m, {}).get("output_limit") or 0),
                   int(models.get(m, {}).get("input_limit") or 0)) for m in names}
     latency = {m: stats[m].latency_p50_s for m in ranked}
-    fastest = min((v for v in latency.values() if v), default=None)
+    # A median of 0.0 is possible after rounding: clamp rather than treat it as "no latency".
+    latency = {m: (None if v is None else max(v, 1e-4)) for m, v in latency.items()}
+    fastest = min((v for v in latency.values() if v is not None), default=None)
     top_output = max((limits[m][0] for m in ranked), default=0)
     balance: dict[str, float] = {}
     for m in ranked:
@@ -1048,11 +1051,11 @@ def compute_tiers(stats: dict[str, ModelStats], models: dict[str, dict[str, Any]
             lat = latency[m] if latency[m] is not None else 1000.0
             balance[m] = round((1 - success) * 1000 + lat - limits[m][0] * 0.1, 4)
         else:
-            speed = (fastest / latency[m]) if latency[m] and fastest else 0.0
+            speed = fastest / latency[m] if latency[m] is not None and fastest else 0.0
             capability = (math.log(limits[m][0]) / math.log(top_output)
                           if limits[m][0] > 1 and top_output > 1 else 0.0)
             balance[m] = round(0.5 * success + 0.3 * speed + 0.2 * capability, 4)
-    fast_score = {m: (latency[m] is None, latency[m] or 0.0) for m in ranked}
+    fast_score = {m: (latency[m] is None, latency[m] or 0.0) for m in ranked}  # no success: last
     quality_score = {m: (-limits[m][0], -limits[m][1]) for m in ranked}
     balance_score = {m: (balance[m] if scoring == "seed" else -balance[m]) for m in ranked}
     fast, quality = assign_tiers(fast_score), assign_tiers(quality_score)
@@ -1123,6 +1126,9 @@ def probe_models(settings: Settings, store: StateStore, models: list[str], round
         router = json.loads(json.dumps(tx.router))
         start = tx.router["next_key"]
         tx.router["next_key"] = (start + len(models)) % len(keys)
+    # Probes go to keys that are usable at all (not disabled, not cooling for every model).
+    healthy = [k for k in keys
+               if blocked_until(cooldowns, router, settings, k, None, time.time()) is None]
     results: list[ProbeResult] = []
     pending: list[ProbeResult] = []
     skipped: set[str] = set()
@@ -1131,13 +1137,14 @@ def probe_models(settings: Settings, store: StateStore, models: list[str], round
     mirror_lock = threading.Lock()     # guards the local mirror and the result lists
 
     def probe(model: str, offset: int) -> None:
-        # Spread over healthy keys: model i starts at key (start + i); key-level failures
-        # move on to the next key so one limited key does not hide a model's health.
-        for step in range(len(keys)):
-            key = keys[(start + offset + step) % len(keys)]
+        # Spread over healthy keys: model i starts at healthy key (start + i); key-level
+        # failures move on to the next key so one limited key does not hide a model's health.
+        for step in range(len(healthy)):
+            key = healthy[(start + offset + step) % len(healthy)]
             with mirror_lock:
                 if blocked_until(cooldowns, router, settings, key, model, time.time()):
                     continue
+                count_request(router, settings, key, model, time.time())
             began = time.perf_counter()
             outcome = client.generate(key, model, prompt)
             result = ProbeResult(model, key, outcome, time.perf_counter() - began, time.time())
@@ -1158,6 +1165,8 @@ def probe_models(settings: Settings, store: StateStore, models: list[str], round
             batch = list(pending)
         if batch:
             with store.transaction() as tx:
+                for r in batch:
+                    count_request(tx.router, settings, r.key, r.model, r.t)
                 notices = [record_outcome(tx, settings, r.key, r.model, r.outcome, r.latency,
                                           r.t) for r in batch]
             # Forget the batch only once it is on disk: a Ctrl-C mid-write retries it.
@@ -1323,7 +1332,6 @@ class RoutePlan:
     """The ordered candidates of one route and the reasons, for -v and --dry-run."""
     models: list[str]
     why: str
-    notes: list[str] = field(default_factory=list)
 
 
 def plan_route(tx: StateTransaction, settings: Settings, models: list[dict[str, Any]],
@@ -1353,7 +1361,7 @@ class RouteSession:
         self.start = start
         self.tried: dict[str, set[int]] = {}
         self.transient: dict[str, int] = {}
-        self.skipped: dict[str, tuple[float | None, str, str]] = {}   # what -> (until, why, label)
+        self.skipped: dict[str, tuple[float | None, str]] = {}   # "key#N on M" -> (until, why)
         self.gone: set[str] = set()
 
     def rotated_keys(self) -> list[ApiKey]:
@@ -1372,7 +1380,7 @@ class RouteSession:
                 # toward the earliest recovery (and --wait).
                 blocked = blocked_until(cooldowns, router, self.settings, key, model, now)
                 if blocked is not None:
-                    self.skipped[f"{key.label} on {model}"] = (*blocked, key.label)
+                    self.skipped[f"{key.label} on {model}"] = blocked
                     continue
                 if key.index in self.tried.get(model, set()):
                     continue
@@ -1390,7 +1398,7 @@ class RouteSession:
             self.gone.add(model)
 
     def earliest(self) -> tuple[float, str] | None:
-        timed = [(until, what) for what, (until, _, _) in self.skipped.items()
+        timed = [(until, what) for what, (until, _) in self.skipped.items()
                  if until is not None]
         return min(timed) if timed else None
 
@@ -1399,7 +1407,10 @@ def route_prompt(settings: Settings, store: StateStore, prompt: PromptRequest, *
                  model: str | None = None, tier: str | None = None,
                  on_text: Callable[[str], None] | None = None,
                  out: Output | None = None) -> RouteResult:
-    """Send one prompt through the best available (model, key); fail over as ACTIONS say."""
+    """Send one prompt through the best available (model, key), failing over by outcome.
+
+    Each attempt is one transaction that records the previous outcome (`record_outcome`)
+    and reserves the next (model, key); the call itself happens outside the lock."""
     settings.require_keys()
     models = known_models(settings, store, out=out)
     client = GeminiClient(settings)
@@ -1739,7 +1750,7 @@ def dry_run(args: argparse.Namespace, settings: Settings, store: StateStore,
         session = RouteSession(settings, plan, tx.router["next_key"])
         choice = session.next_choice(tx, now, reserve=False)
     skipped = [{"target": what, "until": until, "reason": why}
-               for what, (until, why, _) in session.skipped.items()]
+               for what, (until, why) in session.skipped.items()]
     data = {"model": choice[0] if choice else None, "key": choice[1].label if choice else None,
             "why": plan.why, "order": plan.models, "skipped": skipped,
             "model_list": "cached" if listed else "not cached (the route would list models "

@@ -84,7 +84,9 @@ class Cmd:
     env: dict[str, str]
     before: Callable[[], None] | None = None
     check: Callable[[int, str, str], str | None] | None = None
+    extract: Callable[[str, str], float | None] | None = None   # a time the command prints
     wall: list[float] = field(default_factory=list)
+    inner: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
     error: str | None = None
     stderr_sample: str = ""
@@ -121,12 +123,16 @@ def measure(title: str, cmds: list[Cmd], runs: int) -> None:
         progress(f"{title}: run {r + 1}/{runs}", end="\r")
         k = r % len(live) if live else 0
         for cmd in live[k:] + live[:k]:
-            wall, cpu, code, _, err = run_once(cmd)
+            wall, cpu, code, out, err = run_once(cmd)
             if code:
                 cmd.error = f"exit {code} in run {r + 1}: {err.strip()[-200:]}"
                 break
             cmd.wall.append(wall)
             cmd.cpu.append(cpu)
+            if cmd.extract:
+                value = cmd.extract(out, err)
+                if value is not None:
+                    cmd.inner.append(value)
         live = [c for c in live if c.error is None]
     progress(f"{title}: done{' ' * 20}")
 
@@ -172,14 +178,16 @@ class Row:
     ratio_target: float | None = None      # pass when median/base <= this
     abs_target: float | None = None        # pass when median <= this (seconds)
     target_text: str = ""
+    inner: bool = False                    # compare the times the commands print, not wall
 
     def cells(self) -> list[str]:
         if self.cmd is None:
             return [self.what, "-", "-", "-", "-", "-"]
         if self.cmd.error:
             return [self.what, "-", "-", "-", self.target_text or "-", "ERROR"]
-        m = median(self.cmd.wall)
-        b = median(self.base.wall) if self.base and not self.base.error else None
+        pick = (lambda c: c.inner) if self.inner else (lambda c: c.wall)
+        m = median(pick(self.cmd))
+        b = median(pick(self.base)) if self.base and not self.base.error else None
         ratio = m / b if (m is not None and b) else None
         verdict = "info"
         if self.ratio_target is not None and ratio is not None:
@@ -234,7 +242,9 @@ print(response.candidates[0].content.parts[0].text)
 
 RANK_BASELINE = """\
 # The minimal direct-SDK prober: one client, a thread pool, one probe per model.
-import os, sys
+# It prints the time from its SDK import to the last answer, like rank's own message.
+import os, sys, time
+began = time.perf_counter()
 from concurrent.futures import ThreadPoolExecutor
 from google.ai import generativelanguage_v1beta as glm
 client = glm.GenerativeServiceClient(
@@ -252,7 +262,7 @@ def probe(model):
 
 with ThreadPoolExecutor(max_workers=int(sys.argv[1])) as pool:
     done = list(pool.map(probe, models))
-print(len(done), "probes")
+print(len(done), "probes, import + probes in %.3f s" % (time.perf_counter() - began))
 """
 
 
@@ -403,6 +413,17 @@ def expect_in_stdout(text: str) -> Callable[[int, str, str], str | None]:
     return check
 
 
+def printed_seconds(pattern: str, where: str) -> Callable[[str, str], float | None]:
+    """Pull a duration the command prints (e.g. rank's 'probed ... in 0.52 s')."""
+    import re
+    rx = re.compile(pattern)
+
+    def extract(out: str, err: str) -> float | None:
+        m = rx.search(err if where == "stderr" else out)
+        return float(m.group(1)) if m else None
+    return extract
+
+
 def sample_counts(state_dir: Path) -> dict[str, int]:
     doc = json.loads((state_dir / "model_stats.json").read_text())
     return {m: len(s) for m, s in doc["models"].items()}
@@ -533,6 +554,67 @@ t = P(); result = gr.route_prompt(settings, store, prompt); rec("route_prompt in
 R["(route_prompt counts)"] = dict(counts)
 print(json.dumps(R))
 '''
+
+
+PROBER_SCRIPT = r'''
+# probe_models() vs a minimal SDK thread pool, in one process, SDK already imported,
+# interleaved; each run builds its own client(s) and pool, as a fresh rank would.
+import json, os, sys, time
+from concurrent.futures import ThreadPoolExecutor
+import gemini_router as gr
+P = time.perf_counter
+runs, conc = int(sys.argv[1]), int(sys.argv[2])
+settings = gr.load_settings(dict(os.environ), gr.build_parser().parse_args(["rank"]))
+store = gr.StateStore(settings)
+glm = gr._import_sdk()
+with store.transaction(write=False) as tx:
+    names = [m["name"] for m in gr.cached_model_list(tx.router, settings, time.time())
+             if m.get("text")]
+
+def pool_run():
+    client = glm.GenerativeServiceClient(transport="rest", client_options={
+        "api_endpoint": settings.endpoint, "api_key": settings.keys[0].secret})
+    def probe(model):
+        request = glm.GenerateContentRequest(
+            model="models/" + model,
+            contents=[glm.Content(role="user", parts=[glm.Part(text=gr.PROBE_PROMPT)])],
+            generation_config=glm.GenerationConfig(max_output_tokens=16))
+        return client.generate_content(request, retry=None, timeout=60)
+    with ThreadPoolExecutor(max_workers=conc) as pool:
+        assert len(list(pool.map(probe, names))) == len(names)
+
+def prober_run():
+    results, skipped = gr.probe_models(settings, store, names, 1, conc, False)
+    assert len(results) == len(names) and not skipped, (len(results), skipped)
+
+out = {"prober": [], "pool": []}
+for i in range(runs + 1):                  # the first round is a warm-up
+    for name, fn in ((("prober", prober_run), ("pool", pool_run)) if i % 2 else
+                     (("pool", pool_run), ("prober", prober_run))):
+        t = P(); fn(); elapsed = P() - t
+        if i:
+            out[name].append(elapsed)
+print(json.dumps(out))
+'''
+
+
+def prober_in_process(setup: Setup, seed_state: Path, endpoint: str, n: int, conc: int,
+                      runs: int) -> tuple[Cmd, Cmd]:
+    """probe_models() and a minimal SDK pool timed in one process (no startup, no import)."""
+    script = setup.tmp / "prober.py"
+    script.write_text(PROBER_SCRIPT)
+    state = setup.tmp / f"prober-state-{n}"
+    shutil.copytree(seed_state, state)
+    progress(f"prober in-process, {n} models ...")
+    proc = subprocess.run([PY, str(script), str(runs), str(conc)], env=setup.env(state, endpoint),
+                          capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+    prober, pool = Cmd(f"probe_models {n}", [], {}), Cmd(f"SDK pool {n}", [], {})
+    if proc.returncode:
+        prober.error = pool.error = f"prober script failed: {proc.stderr.strip()[-300:]}"
+    else:
+        times = json.loads(proc.stdout.strip().splitlines()[-1])
+        prober.wall, pool.wall = times["prober"], times["pool"]
+    return prober, pool
 
 
 def profile_route(setup: Setup, seed_state: Path, endpoint: str, big_stats: Path, procs: int,
@@ -728,12 +810,15 @@ def run_all(setup: Setup, runs: int, procs: int, reps: int, itime_runs: int,
         fill_stats(d, names)
         fake.set_latency(RANK_LATENCY)
         extra = ["--concurrency", str(conc)] if conc else []
-        rank = cmd(f"rank {n}", setup.cli("rank", *extra), env)
+        rank = cmd(f"rank {n}", setup.cli("rank", *extra), env,
+                   extract=printed_seconds(r"probed .* in ([0-9.]+) s", "stderr"))
         base = cmd(f"rank {n} baseline",
                    [PY, str(setup.rank_baseline), str(conc or 32), ",".join(names)], env,
-                   check=expect_in_stdout(f"{n} probes"))
+                   check=expect_in_stdout(f"{n} probes"),
+                   extract=printed_seconds(r"import \+ probes in ([0-9.]+) s", "stdout"))
         measure(f"rank {n}", [base, rank], runs)
-        rank_rows.append((n, conc, rank, base, d))
+        prober, pool = prober_in_process(setup, d, fake.url, n, conc or 32, runs)
+        rank_rows.append((n, conc, rank, base, d, prober, pool))
 
     # --- section 2: in-process profile ------------------------------------------------
     profile_fake = setup.fake()
@@ -774,17 +859,15 @@ def run_all(setup: Setup, runs: int, procs: int, reps: int, itime_runs: int,
                     route, route_base, ROUTE_TARGET, target_text=f"<= {ROUTE_TARGET:.2f}x"))
     rows.append(Row("route cold (lists models first) vs direct SDK call", route_cold,
                     route_base, target_text="info"))
-    for n, conc, rank, base, _ in rank_rows:
-        if conc:
-            rounds = -(-n // conc)
-            limit = rounds * RANK_LATENCY + RANK_LATENCY
-            rows.append(Row(f"rank {n} models @ {RANK_LATENCY} s, --concurrency {conc} "
-                            f"vs SDK pool", rank, base, abs_target=limit,
-                            target_text=f"< {limit:.2f} s ({rounds} rounds + {RANK_LATENCY})"))
-        else:
-            rows.append(Row(f"rank {n} models @ {RANK_LATENCY} s vs SDK pool", rank, base,
-                            abs_target=2 * RANK_LATENCY,
-                            target_text=f"< {2 * RANK_LATENCY:.2f} s"))
+    for n, conc, rank, base, _, prober, pool in rank_rows:
+        rounds = -(-n // (conc or 32))
+        limit = rounds * RANK_LATENCY + RANK_LATENCY
+        label = f"rank {n} models @ {RANK_LATENCY} s" + (f", --concurrency {conc}" if conc else "")
+        text = f"< {limit:.2f} s" + (f" ({rounds} rounds + {RANK_LATENCY})" if rounds > 1 else "")
+        rows.append(Row(f"{label}: whole process vs SDK pool script", rank, base,
+                        target_text="info (startup + SDK import)"))
+        rows.append(Row(f"{label}: probe_models in-process vs SDK pool", prober, pool,
+                        abs_target=limit, target_text=text))
     rows.append(Row(f"tiers, 200 models x {WINDOW} samples vs python -c pass", big_tiers,
                     baseline, LOCAL_TARGET, target_text=f"<= {LOCAL_TARGET:.2f}x"))
     rows.append(Row(f"stats, 200 models x {WINDOW} samples vs python -c pass", big_stats,
@@ -792,16 +875,23 @@ def run_all(setup: Setup, runs: int, procs: int, reps: int, itime_runs: int,
     print_table(["what", "median", "baseline median", "ratio", "target", "verdict"],
                 [r.cells() for r in rows], right={1, 2, 3})
 
+    print("whole process = interpreter + imports + work; the SDK import alone is most of a "
+          "route or rank.")
+    print("probe_models in-process = gemini_router.probe_models() with the SDK already "
+          "imported, interleaved with the same probes sent by a bare SDK thread pool.")
     print()
-    print("spread and child CPU (user+sys) per command:")
-    all_cmds = group1 + [route_base, route, route_cold] + [x for r in rank_rows for x in r[3:1:-1]]
-    print_table(["command", "median wall", "spread", "median cpu", "runs"],
+    print("spread and child CPU (user+sys) per command ('printed time' = the time the command "
+          "reports itself: rank's 'probed ... in X s', the SDK script's import + probes):")
+    all_cmds = group1 + [route_base, route, route_cold] + [
+        x for r in rank_rows for x in (r[3], r[2], r[6], r[5])]
+    print_table(["command", "median wall", "spread", "median cpu", "printed time", "runs"],
                 [[c.name, fmt_s(median(c.wall)), spread(c.wall), fmt_s(median(c.cpu)),
-                  str(len(c.wall))] for c in all_cmds], right={1, 3, 4})
+                  fmt_s(median(c.inner)), str(len(c.wall))] for c in all_cmds],
+                right={1, 3, 4, 5})
     errors = [c for c in all_cmds if c.error]
     for c in errors:
         print(f"ERROR {c.name}: {c.error}")
-    for n, conc, rank, base, _ in rank_rows:
+    for n, conc, rank, base, *_ in rank_rows:
         noisy = [ln for ln in rank.stderr_sample.splitlines() if "pool is full" in ln]
         if noisy:
             print(f"note: rank {n} warm-up printed {len(noisy)} urllib3 'Connection pool is "
@@ -817,7 +907,7 @@ def run_all(setup: Setup, runs: int, procs: int, reps: int, itime_runs: int,
         size_rows.append([f"route dir before {runs + 1} routes", name, fmt_bytes(size)])
     for name, size in sizes_after.items():
         size_rows.append([f"route dir after {runs + 1} routes", name, fmt_bytes(size)])
-    for n, conc, rank, base, d in rank_rows:
+    for n, conc, rank, base, d, *_ in rank_rows:
         for name, size in file_sizes(d).items():
             size_rows.append([f"rank {n} dir after {len(rank.wall) + 1} ranks", name,
                               fmt_bytes(size)])
@@ -827,7 +917,7 @@ def run_all(setup: Setup, runs: int, procs: int, reps: int, itime_runs: int,
     print(f"bounded: most samples kept for one model after the routes = {worst} "
           f"(ROLLING_WINDOW {WINDOW}): {'pass' if worst <= WINDOW else 'FAIL'}; "
           f"model_stats.json grew by {grown} B over {runs + 1} routes")
-    for n, conc, rank, base, d in rank_rows:
+    for n, conc, rank, base, d, *_ in rank_rows:
         w = max(sample_counts(d).values(), default=0)
         print(f"bounded: rank {n} dir, most samples for one model = {w}: "
               f"{'pass' if w <= WINDOW else 'FAIL'}")
@@ -843,6 +933,12 @@ def run_all(setup: Setup, runs: int, procs: int, reps: int, itime_runs: int,
         else:
             step_rows.append([name, fmt_ms(ms)])
     print_table(["step", "time"], step_rows, right={1})
+    if steps.get("generate, warm (keep-alive)", 0) > steps.get(
+            "1st generate (new connection, lazy imports)", 0) + 20:
+        print("note: requests on a reused (keep-alive) connection to the simulator take ~40 ms "
+              "more than on a new one: fake_gemini writes the response headers and body "
+              "separately without TCP_NODELAY (Nagle + delayed ACK). A single route uses a new "
+              "connection; rank's later rounds reuse them (router and SDK script alike).")
     print(f"one warm route_prompt did: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     startup = median(baseline.wall) * 1000
     print(f"for scale: python -c pass = {startup:.1f} ms; route's median wall minus the "
@@ -863,9 +959,15 @@ def run_all(setup: Setup, runs: int, procs: int, reps: int, itime_runs: int,
 
     print()
     print("== Heavy imports per local command (-X importtime) ==")
+    print("(SDK = google.ai.generativelanguage_v1beta, google.generativeai, google.api_core, "
+          "grpc or proto)")
     print_table(["command", "SDK / tqdm imported", "other notable modules"],
                 [[name, ", ".join(f) or "none", ", ".join(n) or "-"]
                  for name, (f, n) in heavy.items()])
+    if hasattr(os, "getloadavg"):
+        print()
+        print("load average at end: " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+              + f" ({os.cpu_count()} cores; above that, other processes shared the CPU)")
     return 1 if errors else 0
 
 

@@ -486,6 +486,7 @@ def test_every_command_human_output_is_text(run_main, fake, state_dir, command):
     pytest.param(None, ("route", "hi"), {}, 0, 1, id="0-ok"),
     pytest.param("bad_request", ("route", "hi"), {}, 1, 1, id="1-bad-request"),
     pytest.param("blocked", ("route", "hi"), {}, 1, 1, id="1-blocked"),
+    pytest.param("safety", ("route", "hi"), {}, 1, 1, id="1-safety"),
     pytest.param(None, ("route", "--bogus", "hi"), {}, 2, 0, id="2-unknown-flag"),
     pytest.param(None, (), {}, 2, 0, id="2-no-command"),
     pytest.param(None, ("route", "--tier", "cheap", "hi"), {}, 2, 0, id="2-bad-choice"),
@@ -504,6 +505,18 @@ def test_exit_codes(run_main, fake, setup, args, env, code, generate_count):
     else:
         assert_one_error_line(r, code)
     assert fake.count(action="generate") == generate_count
+
+
+@pytest.mark.parametrize("setup, args, code", [
+    ("bad_request", ("route", "hi"), 1),
+    (None, ("lock", "nosuchmodel"), 2),
+    (None, ("route", "-o", "seed=1", "hi"), 2),
+    ("rate_minute", ("route", "hi"), 4),
+])
+def test_failure_under_json_leaves_stdout_empty(run_main, fake, setup, args, code):
+    if setup:
+        fake.set_behaviour(setup)
+    assert_one_error_line(run_main("--json", *args), code)
 
 
 def test_exit_3_when_the_state_directory_is_unusable(run_main, fake, tmp_path):

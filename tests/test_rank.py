@@ -15,11 +15,14 @@ The pure tier arithmetic and the `tiers` command are in test_tiers.py.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import pty
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 
 import pytest
@@ -196,8 +199,9 @@ def test_rounds_take_that_many_samples_per_model(run_main, fake):
     assert {m: stats[m]["samples"] for m in TEXT_MODELS} == {m: 3 for m in TEXT_MODELS}
 
 
-def test_models_pattern_restricts_the_probe(run_main, fake):
-    rank(run_main, "--models", "gemini-2.5*")
+@pytest.mark.parametrize("pattern", ["gemini-2.5*", "models/gemini-2.5*"])
+def test_models_pattern_restricts_the_probe(run_main, fake, pattern):
+    rank(run_main, "--models", pattern)
     probed = ["gemini-2.5-pro", "gemini-2.5-flash", "gemini-2.5-flash-lite"]
     assert generate_counts(fake, TEXT_MODELS) == {m: int(m in probed) for m in TEXT_MODELS}
     assert fake.count(action="generate") == 3       # TTS / native-audio 2.5 models excluded
@@ -209,6 +213,27 @@ def test_models_pattern_matching_nothing_is_a_usage_error(run_main, fake):
     assert r.code == 2
     assert "no-such-model" in r.err
     assert fake.count(action="generate") == 0
+
+
+def test_probe_uses_the_request_timeout_and_a_silent_model_ranks_last(run_main, fake):
+    fake.set_behaviour("hang", model="gemini-2.5-pro", seconds=30)
+    began = time.perf_counter()
+    rank(run_main, "--timeout", "0.5")
+    assert time.perf_counter() - began < 5
+    tiers = json_of(run_main, "tiers")
+    assert tiers["gemini-2.5-pro"]["success_rate"] == 0.0
+    assert tiers["gemini-2.5-pro"]["latency_p50_s"] is None
+    assert tiers["gemini-2.5-pro"]["fast"] == "C"
+    assert tiers["gemini-2.5-pro"]["balance"] == "C"
+
+
+@pytest.mark.parametrize("args", [("--concurrency", "0"), ("--rounds", "0"),
+                                  ("--rounds", "many"), ("--concurrency", "-3")])
+def test_bad_rank_flags_are_usage_errors(run_main, fake, args):
+    r = run_main("rank", *args)
+    assert r.code == 2
+    assert args[0] in r.err
+    assert fake.count() == 0
 
 
 def test_probe_skips_a_cooling_key_model_pair(run_main, fake):
@@ -228,12 +253,13 @@ def test_probe_skips_a_model_cooling_on_every_key(run_main, fake):
     fake.set_behaviour("rate_minute", model=model)
     rank(run_main)                             # 429 on both keys: both pairs cool down
     fake.reset_log()
-    r = rank(run_main)
+    r = run_main("rank")
+    assert r.code == 0, r.err
     assert fake.count(model=model) == 0
     others = [m for m in TEXT_MODELS if m != model]
     assert generate_counts(fake, others) == {m: 1 for m in others}
+    assert model in r.err                         # the user is told it was skipped
     assert model in json_of(run_main, "tiers")    # still shown, not dropped
-    del r
 
 
 def test_probe_outcomes_are_recorded_like_routes(run_main, fake):
@@ -273,6 +299,8 @@ def test_no_progress_bar_when_stderr_is_not_a_terminal(cli):
 
 def test_progress_bar_on_a_terminal(cli):
     master, slave = pty.openpty()
+    # A real terminal has a size; tqdm draws nothing on a 0-column one.
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
     env = {k: v for k, v in cli.env.items() if k != "NO_COLOR"}
     try:
         proc = subprocess.run([sys.executable, str(ROOT / "gemini_router.py"), "rank"],
@@ -291,7 +319,7 @@ def test_progress_bar_on_a_terminal(cli):
     finally:
         os.close(master)
     assert proc.returncode == 0
-    assert b"probing" in err
+    assert b"\rprobing:" in err
     assert b"probing" not in proc.stdout
 
 

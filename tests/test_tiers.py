@@ -189,6 +189,19 @@ def test_balance_prefers_reliability_all_else_equal():
     assert rows["good"].balance_score > rows["flaky"].balance_score > rows["dead"].balance_score
 
 
+def test_balance_score_is_the_readme_formula():
+    # README: 0.5*success + 0.3*(fastest p50 / p50) + 0.2*ln(out)/ln(max out). By hand:
+    #   a: 0.5*1   + 0.3*(0.1/0.1) + 0.2*(16/16) = 1.0
+    #   b: 0.5*0.5 + 0.3*(0.1/0.2) + 0.2*(13/16) = 0.25 + 0.15 + 0.1625 = 0.5625
+    #   c: 0.5*1   + 0.3*(0.1/0.4) + 0.2*(10/16) = 0.5 + 0.075 + 0.125 = 0.7
+    rows = tiers_of({"a": [sample(True, 0.1)], "b": [sample(True, 0.2), sample(False, 0.2)],
+                     "c": [sample(True, 0.4)]},
+                    {"a": (65536, 1000), "b": (8192, 1000), "c": (1024, 1000)})
+    assert {m: rows[m].balance_score for m in "abc"} == \
+        pytest.approx({"a": 1.0, "b": 0.5625, "c": 0.7}, abs=1e-4)
+    assert {m: rows[m].balance for m in "abc"} == {"a": "S", "c": "A", "b": "C"}
+
+
 def test_seed_scoring_is_the_original_formula():
     # (1 - success)*1000 + latency - max_tokens*0.1, lower is better, computed by hand:
     #   a: 0*1000 + 0.1 - 819.2  = -819.1

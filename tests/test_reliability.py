@@ -1,0 +1,380 @@
+"""Reliability of the state store: concurrency, crashes, and corrupt or foreign state.
+
+What this file proves (issue "Reliability and security", parts 1-3):
+
+* 32 `route` processes at once against the simulator record every sample (the stats grow by
+  exactly 32), leave no corrupt or stray file and do not deadlock;
+* a state lock held too long ends in one clear message and exit 3
+  (GEMINI_ROUTER_LOCK_TIMEOUT, lock file `<state dir>/state.lock`), without calling upstream;
+* routes killed with SIGKILL at random points leave every state file parseable and the next
+  command carries on; Ctrl-C during `rank` exits 130 and keeps the samples already taken;
+* a truncated, non-JSON, wrongly shaped, foreign or older-schema state file is kept aside as
+  `<name>.corrupt-<stamp>` (never deleted) with one warning line and the command recovers; a
+  newer schema, an unreadable or unwritable file and a state directory that is a file end in
+  one clear line and exit 3.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import filelock
+import pytest
+
+from conftest import ROOT, KEYS, CLI
+
+STATE_FILES = {"model_stats.json": "stats", "router_state.json": "router",
+               "cooldowns.json": "cooldowns"}
+BIG_WINDOW = {"ROLLING_WINDOW": "1000"}     # keep every sample, so counts are exact
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+
+def spawn(cli: CLI, *args: str, env: dict[str, str] | None = None, **popen) -> subprocess.Popen:
+    """Start `gemini_router.py ARGS` as a user would, without waiting for it."""
+    return subprocess.Popen([sys.executable, str(ROOT / "gemini_router.py"), *args],
+                            env={**cli.env, **(env or {})}, cwd=str(ROOT),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, **popen)
+
+
+def assert_state_intact(state_dir: Path) -> dict[str, dict]:
+    """Every state file present parses, is ours and has schema 1; nothing was set aside."""
+    names = sorted(p.name for p in state_dir.iterdir())
+    assert not [n for n in names if ".corrupt-" in n], names
+    docs = {}
+    for name in names:
+        if name.endswith(".json"):
+            doc = json.loads((state_dir / name).read_text())
+            assert doc["schema"] == 1 and doc["kind"] == f"gemini-router/{STATE_FILES[name]}"
+            docs[name] = doc
+    return docs
+
+
+def sample_count(state_dir: Path) -> int:
+    path = state_dir / "model_stats.json"
+    if not path.exists():
+        return 0
+    return sum(len(s) for s in json.loads(path.read_text())["models"].values())
+
+
+def set_aside_files(state_dir: Path, name: str) -> list[Path]:
+    return sorted(state_dir.glob(f"{name}.corrupt-*"))
+
+
+def one_line(err: str) -> str:
+    assert err.endswith("\n") and err.count("\n") == 1, repr(err)
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.fixture
+def warmed(cli, run_main, fake):
+    """A state directory after one successful route: all three files exist, the model list
+    is cached; the fake's log is then cleared. Returns the subprocess runner."""
+    r = run_main("route", "warm up", env=BIG_WINDOW)
+    assert r.code == 0, r.err
+    assert sorted(p.name for p in cli.state_dir.iterdir()) == [
+        "cooldowns.json", "model_stats.json", "router_state.json", "state.lock"]
+    fake.reset_log()
+    return cli
+
+
+# --------------------------------------------------------------------------------------
+# 1. concurrency and the lock
+# --------------------------------------------------------------------------------------
+
+def test_32_concurrent_routes_record_every_sample(warmed, fake):
+    before = sample_count(warmed.state_dir)
+    procs = [spawn(warmed, "route", f"prompt number {i}", env=BIG_WINDOW) for i in range(32)]
+    results = [(p, *p.communicate(timeout=180)) for p in procs]   # a deadlock fails here
+
+    for i, (proc, out, err) in enumerate(results):
+        assert proc.returncode == 0, err.decode()
+        assert out.decode() == f"[gemini-2.5-flash] prompt number {i}\n"
+        assert err == b""
+    assert fake.count(action="generate") == 32
+    assert fake.count(action="list") == 0                  # the cached list served them all
+    docs = assert_state_intact(warmed.state_dir)
+    assert sample_count(warmed.state_dir) == before + 32
+    assert [s["kind"] for s in docs["model_stats.json"]["models"]["gemini-2.5-flash"]] \
+        == ["ok"] * 33
+    # nothing but the three files and the lock: no temp file left behind
+    assert sorted(p.name for p in warmed.state_dir.iterdir()) == [
+        "cooldowns.json", "model_stats.json", "router_state.json", "state.lock"]
+
+
+@pytest.mark.parametrize("args", [("stats",), ("route", "hello"), ("route", "--json", "hello"),
+                                  ("cooldowns",), ("unlock",), ("tiers",)])
+def test_lock_held_too_long_is_exit_3(warmed, run_main, fake, args):
+    # flock locks conflict between open files even inside one process, so main() runs here
+    lock = filelock.FileLock(str(warmed.state_dir / "state.lock"))
+    with lock:
+        began = time.monotonic()
+        r = run_main(*args, env={"GEMINI_ROUTER_LOCK_TIMEOUT": "0.5"})
+        waited = time.monotonic() - began
+    assert r.code == 3
+    assert r.out == ""
+    one_line(r.err)
+    assert "state.lock" in r.err and "GEMINI_ROUTER_LOCK_TIMEOUT" in r.err
+    assert 0.5 <= waited < 5                # bounded: the timeout, never forever
+    assert fake.count(action="generate") == 0
+    # released: the same command works again
+    assert run_main(*args).code == 0
+
+
+def test_lock_timeout_waits_for_a_short_holder(warmed, fake):
+    """A holder that lets go within the timeout delays the command, it does not fail it."""
+    lock = filelock.FileLock(str(warmed.state_dir / "state.lock"))
+    lock.acquire()
+    proc = spawn(warmed, "route", "patient", env={"GEMINI_ROUTER_LOCK_TIMEOUT": "30"})
+    time.sleep(1.5)
+    assert proc.poll() is None              # still waiting for the lock
+    lock.release()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()
+    assert out.decode() == "[gemini-2.5-flash] patient\n"
+    assert fake.count(action="generate") == 1
+
+
+# --------------------------------------------------------------------------------------
+# 2. crashes
+# --------------------------------------------------------------------------------------
+
+def test_sigkill_at_random_points_leaves_state_usable(warmed, fake):
+    fake.set_behaviour("slow", seconds=0.3)
+    rng = random.Random(20240611)
+    delays = [rng.uniform(0.1, 2.5) for _ in range(12)]
+    procs = [(spawn(warmed, "route", f"victim {i}", env=BIG_WINDOW), d)
+             for i, d in enumerate(delays)]
+    began = time.monotonic()
+    for proc, delay in sorted(procs, key=lambda pd: pd[1]):
+        time.sleep(max(0.0, began + delay - time.monotonic()))
+        proc.send_signal(signal.SIGKILL)
+    for proc, _ in procs:
+        proc.communicate(timeout=30)
+    killed = sum(1 for proc, _ in procs if proc.returncode == -signal.SIGKILL)
+    assert killed >= 6, [p.returncode for p, _ in procs]   # most died mid-flight
+
+    docs = assert_state_intact(warmed.state_dir)
+    recorded = sample_count(warmed.state_dir)
+    answered = sum(1 for c in fake.calls if c.action == "generate" and c.status == 200)
+    assert 1 <= recorded <= 1 + answered
+
+    fake.clear_behaviours()
+    stats = warmed("stats", "--json")
+    assert stats.code == 0 and stats.err == ""
+    assert stats.json()["gemini-2.5-flash"]["samples"] == recorded
+    after = warmed("route", "survivor", env=BIG_WINDOW)
+    assert after.code == 0 and after.err == ""
+    assert after.out == "[gemini-2.5-flash] survivor\n"
+    assert sample_count(warmed.state_dir) == recorded + 1
+    assert set(docs) == set(STATE_FILES)
+
+
+def test_ctrl_c_during_rank_keeps_finished_samples(cli, fake):
+    hung = ["gemini-2.5-pro", "gemma-3-27b-it"]
+    for model in hung:
+        fake.set_behaviour("hang", model=model)
+    proc = spawn(cli, "rank")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        answered = sum(1 for c in fake.calls if c.action == "generate" and c.status == 200)
+        waiting = sum(1 for c in fake.calls if c.action == "generate" and c.status == 0)
+        if answered == 4 and waiting == 2:
+            break
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("rank never reached 4 answered + 2 hanging probes")
+    time.sleep(0.5)                         # let the answered probes land in the prober
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=20)
+
+    assert proc.returncode == 130
+    assert out == b""
+    assert "Traceback" not in err.decode()
+    assert "interrupted" in err.decode()
+    stats = cli.state("stats")["models"]
+    assert sorted(stats) == ["gemini-2.0-flash", "gemini-2.0-flash-lite", "gemini-2.5-flash",
+                             "gemini-2.5-flash-lite"]
+    assert all([s["kind"] for s in samples] == ["ok"] for samples in stats.values())
+    assert_state_intact(cli.state_dir)
+
+
+# --------------------------------------------------------------------------------------
+# 3. corrupt or foreign state
+# --------------------------------------------------------------------------------------
+
+FOREIGN = {   # case -> (content, a word the warning's reason carries)
+    "truncated": (b'{"schema": 1, "kind": "gemini-router/', "JSON"),
+    "not-json": (b"this is not json at all\n", "JSON"),
+    "empty": (b"", "JSON"),
+    "binary": (b"\xff\xfe\x00\x01garbage", "JSON"),
+    "json-list": (b"[1, 2, 3]", "gemini-router"),
+    "json-string": (b'"hello"', "gemini-router"),
+    "other-tool": (b'{"kind": "something-else", "data": 1}', "gemini-router"),
+    "older-schema": (None, "schema"),
+    "no-schema": (None, "schema"),
+    "wrong-shape": (None, "shape"),
+}
+
+
+def foreign_bytes(case: str, name: str) -> bytes:
+    content, _ = FOREIGN[case]
+    if content is not None:
+        return content
+    kind = f"gemini-router/{STATE_FILES[name]}"
+    if case == "older-schema":
+        return json.dumps({"schema": 0, "kind": kind, "models": {}}).encode()
+    if case == "no-schema":
+        return json.dumps({"kind": kind}).encode()
+    shapes = {"stats": {"models": [1, 2]}, "router": {"next_key": "zero"},
+              "cooldowns": {"cooldowns": {"a": 1}, "disabled_keys": []}}
+    return json.dumps({"schema": 1, "kind": kind, **shapes[STATE_FILES[name]]}).encode()
+
+
+@pytest.mark.parametrize("name", list(STATE_FILES))
+@pytest.mark.parametrize("case", list(FOREIGN))
+def test_bad_state_file_is_kept_aside_and_route_recovers(warmed, run_main, fake, name, case):
+    bad = foreign_bytes(case, name)
+    (warmed.state_dir / name).write_bytes(bad)
+
+    r = run_main("route", "after the damage", env=BIG_WINDOW)
+
+    assert r.code == 0, r.err
+    assert r.out == "[gemini-2.5-flash] after the damage\n"
+    one_line(r.err)
+    assert r.err.startswith("gemini-router: warning: ")
+    assert name in r.err and FOREIGN[case][1] in r.err.split(name, 1)[1]
+    kept = set_aside_files(warmed.state_dir, name)
+    assert len(kept) == 1
+    assert kept[0].name in r.err
+    assert kept[0].read_bytes() == bad          # kept, byte for byte
+    doc = json.loads((warmed.state_dir / name).read_text())      # rewritten, valid
+    assert doc["schema"] == 1 and doc["kind"] == f"gemini-router/{STATE_FILES[name]}"
+    # the other two files were left alone
+    for other in set(STATE_FILES) - {name}:
+        assert set_aside_files(warmed.state_dir, other) == []
+    # and the next command runs without a word
+    again = run_main("stats", "--json")
+    assert again.code == 0 and again.err == ""
+
+
+@pytest.mark.parametrize("command,name", [("stats", "model_stats.json"),
+                                          ("tiers", "model_stats.json"),
+                                          ("tiers", "router_state.json"),
+                                          ("cooldowns", "cooldowns.json"),
+                                          ("unlock", "router_state.json")])
+def test_local_commands_recover_from_a_corrupt_file(warmed, run_main, command, name):
+    (warmed.state_dir / name).write_bytes(b"{broken")
+    r = run_main(command)
+    assert r.code == 0, r.err
+    one_line(r.err)
+    assert "not valid JSON" in r.err and ".corrupt-" in r.err
+    assert [p.read_bytes() for p in set_aside_files(warmed.state_dir, name)] == [b"{broken"]
+
+
+def test_two_corruptions_in_the_same_second_keep_both_files(warmed, run_main):
+    path = warmed.state_dir / "model_stats.json"
+    for content in (b"first bad", b"second bad"):
+        path.write_bytes(content)
+        assert run_main("stats").code == 0
+    kept = set_aside_files(warmed.state_dir, "model_stats.json")
+    assert sorted(p.read_bytes() for p in kept) == [b"first bad", b"second bad"]
+
+
+@pytest.mark.parametrize("name", list(STATE_FILES))
+def test_newer_schema_is_exit_3_and_left_untouched(warmed, run_main, fake, name):
+    kind = f"gemini-router/{STATE_FILES[name]}"
+    newer = json.dumps({"schema": 2, "kind": kind, "future": True}).encode()
+    (warmed.state_dir / name).write_bytes(newer)
+
+    r = run_main("route", "hello")
+
+    assert r.code == 3
+    assert r.out == ""
+    one_line(r.err)
+    assert name in r.err and "newer" in r.err
+    assert (warmed.state_dir / name).read_bytes() == newer
+    assert set_aside_files(warmed.state_dir, name) == []
+    assert fake.count(action="generate") == 0
+
+
+@pytest.mark.parametrize("name", list(STATE_FILES))
+def test_unreadable_state_file_is_exit_3(warmed, run_main, fake, name):
+    # chmod 000 does not stop root; a directory in the file's place cannot be read by anyone.
+    path = warmed.state_dir / name
+    path.unlink()
+    path.mkdir()
+    r = run_main("route", "hello")
+    assert r.code == 3
+    assert r.out == ""
+    one_line(r.err)
+    assert f"cannot read state file {path}" in r.err
+    assert path.is_dir()                              # not deleted, not moved
+    assert fake.count(action="generate") == 0
+
+
+def _no_file_writes() -> None:
+    # RLIMIT_FSIZE 0: writing one byte to a regular file fails with EFBIG, also for root
+    # (Python ignores SIGXFSZ, so write() returns the error instead of killing the process).
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+
+
+@pytest.mark.parametrize("args", [("route", "hello"), ("unlock",),
+                                  ("cooldowns", "--clear")])
+def test_unwritable_state_is_exit_3_and_files_survive(warmed, fake, args):
+    # a cooldown and a lock give `cooldowns --clear` and `unlock` something to write
+    assert warmed("lock", "gemini-2.5-flash").code == 0
+    fake.set_behaviour("rate_minute", model="gemini-2.0-flash")
+    assert warmed("route", "-m", "gemini-2.0-flash", "x").code == 4
+    fake.clear_behaviours()
+    before = {n: (warmed.state_dir / n).read_bytes() for n in STATE_FILES}
+    fake.reset_log()
+
+    proc = subprocess.run([sys.executable, str(ROOT / "gemini_router.py"), *args],
+                          env=warmed.env, cwd=str(ROOT), capture_output=True,
+                          stdin=subprocess.DEVNULL, preexec_fn=_no_file_writes, timeout=60)
+
+    err = proc.stderr.decode()
+    assert proc.returncode == 3, err
+    assert proc.stdout == b""
+    one_line(err)
+    assert "cannot write state file" in err
+    assert {n: (warmed.state_dir / n).read_bytes() for n in STATE_FILES} == before
+    assert sorted(p.name for p in warmed.state_dir.iterdir()) == [
+        "cooldowns.json", "model_stats.json", "router_state.json", "state.lock"]
+
+
+@pytest.mark.parametrize("args", [("stats",), ("tiers",), ("cooldowns",), ("cooldowns", "--json"),
+                                  ("unlock",), ("lock", "gemini-2.5-flash"), ("route", "hi"),
+                                  ("route", "--dry-run", "hi"), ("models",), ("rank",)])
+def test_state_dir_that_is_a_file_is_exit_3(run_main, state_dir, fake, args):
+    state_dir.parent.mkdir(parents=True, exist_ok=True)
+    state_dir.write_text("I am a file\n")
+    r = run_main(*args)
+    assert r.code == 3
+    assert r.out == ""
+    one_line(r.err)
+    assert f"{state_dir} is not a directory" in r.err
+    assert state_dir.read_text() == "I am a file\n"
+    assert fake.count(action=("generate", "stream")) == 0
+
+
+def test_state_file_override_under_a_file_is_exit_3(run_main, tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    r = run_main("stats", env={"STATS_FILE": str(blocker / "model_stats.json")})
+    assert r.code == 3
+    one_line(r.err)
+    assert f"{blocker} is not a directory" in r.err
