@@ -358,6 +358,8 @@ class StateTransaction:
 
     def commit(self) -> None:
         for name, doc in self._docs.items():
+            if self._original[name] is None and doc == empty_doc(name):
+                continue        # nothing to keep: do not create a file for it
             text = json.dumps(doc, separators=(",", ":"), sort_keys=True)
             if text != self._original[name]:
                 self._store.write(name, text)
@@ -509,6 +511,7 @@ class Outcome:
     prompt_tokens: int = 0
     output_tokens: int = 0
     total_tokens: int = 0
+    partial: bool = False        # a stream failed after some of its text was printed
 
     @property
     def answered(self) -> bool:
@@ -725,11 +728,13 @@ class GeminiClient:
             outcome = outcome_from_error(exc, self.settings.timeout)
             outcome.kind = "transient"   # text already went out: the call as a whole failed
             outcome.detail = f"stream broke after output began: {outcome.detail}"
-            outcome.text = "partial"
+            outcome.partial = True
             return outcome
         outcome = outcome_from_response(merged, streamed=True)
         if printed and outcome.kind != "ok":
-            outcome.text = "partial"
+            outcome.partial = True
+            if outcome.kind == "transient":
+                outcome.detail = f"stream broke after output began: {outcome.detail}"
         return outcome
 
     def list_models(self, key: ApiKey) -> list[dict[str, Any]] | Outcome:
@@ -1318,9 +1323,12 @@ def known_models(settings: Settings, store: StateStore, refresh: bool = False,
 def resolve_model(name: str, models: list[dict[str, Any]]) -> str:
     """A user-given model name, validated against the list (with or without 'models/')."""
     wanted = bare_model(name.strip())
-    names = {m["name"] for m in models if "generateContent" in m.get("methods", [])}
+    names = {m["name"] for m in models if m.get("text")}
     if wanted in names:
         return wanted
+    if any(m["name"] == wanted for m in models):
+        raise UsageError(f"{wanted!r} is not a text model (embedding, image, speech and live "
+                         "models are not routed)")
     close = sorted(n for n in names if wanted and (wanted in n or n in wanted))[:3]
     hint = f"; did you mean {', '.join(close)}?" if close else \
         f"; '{PROG} models --refresh' lists the {len(names)} available"
@@ -1459,7 +1467,7 @@ def route_prompt(settings: Settings, store: StateStore, prompt: PromptRequest, *
                                       "output_tokens": outcome.output_tokens,
                                       "total_tokens": outcome.total_tokens},
                                attempts=attempts)
-        if outcome.kind in ("blocked", "bad_request") or partial_failure(outcome):
+        if outcome.kind in ("blocked", "bad_request") or outcome.partial:
             raise UpstreamError(f"{chosen_model} {key.label}: {outcome.detail}")
         if outcome.kind == "unreachable":
             raise NothingAvailable(f"cannot reach {settings.endpoint}: {outcome.detail}")
@@ -1469,7 +1477,7 @@ def route_prompt(settings: Settings, store: StateStore, prompt: PromptRequest, *
 def ends_route(outcome: Outcome) -> bool:
     """An answer, a failure no other model would fix, or a stream that already printed."""
     return outcome.kind in ("ok", "blocked", "bad_request", "unreachable") \
-        or partial_failure(outcome)
+        or outcome.partial
 
 
 def nothing_available(session: RouteSession, attempts: list[Attempt]) -> NothingAvailable:
@@ -1488,10 +1496,6 @@ def nothing_available(session: RouteSession, attempts: list[Attempt]) -> Nothing
     return NothingAvailable("; ".join(parts))
 
 
-def partial_failure(outcome: Outcome) -> bool:
-    return outcome.kind == "transient" and outcome.text == "partial"
-
-
 # ======================================================================================
 # CLI
 # ======================================================================================
@@ -1501,6 +1505,7 @@ GENERATION_OPTIONS: dict[str, Callable[[str], Any]] = {
     "stop": str, "candidate_count": int, "response_mime_type": str,
     "presence_penalty": float, "frequency_penalty": float,
 }
+OPTION_KINDS = {float: "a number", int: "an integer", str: "text"}
 # Fields the pinned SDK (google-ai-generativelanguage 0.6.15) has no place for.
 UNSUPPORTED_OPTIONS = {"seed": "the pinned SDK's GenerationConfig has no seed field"}
 
@@ -1565,24 +1570,24 @@ def _looks_numeric(text: str) -> bool:
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:
     """-o KEY=VALUE pairs -> GenerationConfig fields; a bad one is a usage error."""
-    valid = ", ".join(sorted(GENERATION_OPTIONS))
+    valid = ", ".join(f"{name} ({OPTION_KINDS[kind]})"
+                      for name, kind in sorted(GENERATION_OPTIONS.items()))
     options: dict[str, Any] = {}
     for pair in pairs:
         name, sep, raw = pair.partition("=")
         name = name.strip().replace("-", "_")
         if not sep:
-            raise UsageError(f"option {pair!r} is not KEY=VALUE; valid keys: {valid}")
+            raise UsageError(f"option {pair!r} is not KEY=VALUE; valid options: {valid}")
         if name in UNSUPPORTED_OPTIONS:
             raise UsageError(f"option {name!r} is not supported: {UNSUPPORTED_OPTIONS[name]}")
         if name not in GENERATION_OPTIONS:
-            raise UsageError(f"unknown option {name!r}; valid keys: {valid}")
+            raise UsageError(f"unknown option {name!r}; valid options: {valid}")
+        kind = GENERATION_OPTIONS[name]
         try:
-            value = GENERATION_OPTIONS[name](raw.strip())
+            value = kind(raw.strip())
         except ValueError:
-            kind = GENERATION_OPTIONS[name].__name__
-            raise UsageError(f"option {name} needs a{'n' if kind == 'int' else ''} "
-                             f"{ {'int': 'integer', 'float': 'number'}.get(kind, kind)}, "
-                             f"got {raw!r}") from None
+            raise UsageError(f"option {name} needs {OPTION_KINDS[kind]}, got {raw!r}; "
+                             f"valid options: {valid}") from None
         if name == "stop":
             options.setdefault("stop_sequences", []).append(value)
         else:
@@ -1716,6 +1721,10 @@ def cmd_route(args: argparse.Namespace, settings: Settings, out: Output) -> int:
             result = route_prompt(settings, store, prompt, model=args.model, tier=args.tier,
                                   on_text=on_text if streaming else None, out=out)
             break
+        except UpstreamError:
+            if streamed and not streamed[-1].endswith("\n"):
+                sys.stdout.write("\n")      # keep the error off the partial answer's line
+            raise
         except NothingAvailable as exc:
             if args.wait is None or exc.until is None or exc.until > deadline:
                 raise
@@ -1742,19 +1751,19 @@ def dry_run(args: argparse.Namespace, settings: Settings, store: StateStore,
     with store.transaction(write=False) as tx:
         now = time.time()
         models = cached_model_list(tx.router, settings, now)
-        listed = models is not None
         if models is None:
-            models = [{"name": m, "text": True, "methods": ["generateContent"]}
-                      for m in DEFAULT_PREFERENCE]
+            data = {"model": None, "key": None, "why": "no cached model list", "order": [],
+                    "skipped": [], "model_list": "not cached"}
+            out.emit(data, lambda: f"would use: unknown (no cached model list; "
+                                   f"'{PROG} models' fetches it)")
+            return 0
         plan = plan_route(tx, settings, models, args.model, args.tier)
         session = RouteSession(settings, plan, tx.router["next_key"])
         choice = session.next_choice(tx, now, reserve=False)
     skipped = [{"target": what, "until": until, "reason": why}
                for what, (until, why) in session.skipped.items()]
     data = {"model": choice[0] if choice else None, "key": choice[1].label if choice else None,
-            "why": plan.why, "order": plan.models, "skipped": skipped,
-            "model_list": "cached" if listed else "not cached (the route would list models "
-                                                   "first)"}
+            "why": plan.why, "order": plan.models, "skipped": skipped, "model_list": "cached"}
 
     def human() -> str:
         lines = [f"would use: {data['model']} with {data['key']}" if choice
@@ -1765,8 +1774,6 @@ def dry_run(args: argparse.Namespace, settings: Settings, store: StateStore,
         for s in skipped:
             left = "disabled" if s["until"] is None else f"{_duration(s['until'] - now)} left"
             lines.append(f"skipped:   {s['target']}: {s['reason']} ({left})")
-        if not listed:
-            lines.append("note:      no cached model list; a real route lists models first")
         return "\n".join(lines)
     out.emit(data, human)
     return 0 if choice else 4

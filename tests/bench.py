@@ -144,7 +144,7 @@ def median(values: list[float]) -> float | None:
 def spread(values: list[float]) -> str:
     if len(values) < 3:
         return "-"
-    qs = statistics.quantiles(values, n=10)
+    qs = statistics.quantiles(values, n=10, method="inclusive")
     return f"p10 {fmt_s(qs[0])} .. p90 {fmt_s(qs[-1])}"
 
 
@@ -525,7 +525,9 @@ t = P(); client._pair(key); rec("GeminiClient._pair (both clients, warm imports)
 t = P(); out = client.generate(key, model, prompt); rec("1st generate (new connection, lazy imports)", P() - t)
 assert out.kind == "ok", out
 warm("generate, warm (keep-alive)", lambda: client.generate(key, model, prompt))
-warm("list_models (1 page, 14 models)", lambda: client.list_models(key), n=max(3, reps // 2))
+t = P(); listed = client.list_models(key); rec("1st list_models (new connection; 1 page, 14 models)", P() - t)
+assert isinstance(listed, list) and len(listed) == 14, listed
+warm("list_models, warm (keep-alive)", lambda: client.list_models(key), n=max(3, reps // 2))
 with store.transaction(write=False) as tx:
     models = gr.cached_model_list(tx.router, settings, time.time())
     warm("plan_route (typical state)", lambda: gr.plan_route(tx, settings, models, None, None))
@@ -884,10 +886,19 @@ def run_all(setup: Setup, runs: int, procs: int, reps: int, itime_runs: int,
           "reports itself: rank's 'probed ... in X s', the SDK script's import + probes):")
     all_cmds = group1 + [route_base, route, route_cold] + [
         x for r in rank_rows for x in (r[3], r[2], r[6], r[5])]
-    print_table(["command", "median wall", "spread", "median cpu", "printed time", "runs"],
-                [[c.name, fmt_s(median(c.wall)), spread(c.wall), fmt_s(median(c.cpu)),
-                  fmt_s(median(c.inner)), str(len(c.wall))] for c in all_cmds],
-                right={1, 3, 4, 5})
+    base_of = {id(r.cmd): r.base for r in rows if r.cmd is not None and r.base is not None}
+
+    def cpu_ratio(c: Cmd) -> str:
+        b = base_of.get(id(c))
+        if b is None or not c.cpu or not b.cpu:
+            return "-"
+        return f"{median(c.cpu) / median(b.cpu):.2f}x"
+    print_table(["command", "median wall", "min wall", "spread", "median cpu",
+                 "cpu vs baseline", "printed time", "runs"],
+                [[c.name, fmt_s(median(c.wall)), fmt_s(min(c.wall, default=None)),
+                  spread(c.wall), fmt_s(median(c.cpu)), cpu_ratio(c), fmt_s(median(c.inner)),
+                  str(len(c.wall))] for c in all_cmds],
+                right={1, 2, 4, 5, 6, 7})
     errors = [c for c in all_cmds if c.error]
     for c in errors:
         print(f"ERROR {c.name}: {c.error}")

@@ -23,6 +23,7 @@ import json
 import os
 import pty
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -31,7 +32,7 @@ import termios
 import pytest
 
 from conftest import CLI, KEYS, ROOT
-from fake_gemini import DEFAULT_MODELS, FakeGemini
+from fake_gemini import DEFAULT_MODELS, FakeGemini, make_models
 
 DEFAULT_MODEL = "gemini-2.5-flash"
 VALID_OPTIONS = ["temperature", "top_p", "top_k", "max_output_tokens", "stop",
@@ -190,12 +191,12 @@ def _model(name: str, out_limit: int) -> dict:
     return entry
 
 
-@pytest.fixture
-def tiered(state_dir):
-    """Three ranked models, each best in one tier:
-    gemini-quick   fastest, but 1 of 3 probes fails        -> Fast
-    gemini-large   biggest output limit, slow, 1 of 3 ok    -> Quality
-    gemini-steady  always answers, mid speed and size        -> Balance"""
+@pytest.fixture(scope="module")
+def ranked_state(tmp_path_factory):
+    """A fake with three models, ranked once (3 rounds); each is best in one tier:
+    gemini-quick   fastest, but 2 of 3 probes fail          -> Fast
+    gemini-large   biggest output limit, slow, 2 of 3 fail   -> Quality
+    gemini-steady  always answers, mid speed and size         -> Balance"""
     models = [_model("gemini-quick", 8192), _model("gemini-large", 1_000_000),
               _model("gemini-steady", 65536)]
     with FakeGemini(models=models) as server:
@@ -203,11 +204,19 @@ def tiered(state_dir):
         server.set_latency(0.1, model="gemini-steady")
         server.set_behaviour("error500", model="gemini-quick", times=2)
         server.set_behaviour("error500", model="gemini-large", times=2)
-        cli = CLI(server, state_dir, KEYS[:2])
-        r = cli("rank", "--rounds", "3", "--json")
+        ranked = tmp_path_factory.mktemp("ranked")
+        r = CLI(server, ranked, KEYS[:2])("rank", "--rounds", "3", "--json")
         assert r.code == 0, r.err
-        server.reset_log()
-        yield cli
+        yield server, ranked
+
+
+@pytest.fixture
+def tiered(ranked_state, state_dir):
+    """A CLI on a private copy of the ranked state."""
+    server, ranked = ranked_state
+    shutil.copytree(ranked, state_dir)
+    server.reset_log()
+    return CLI(server, state_dir, KEYS[:2])
 
 
 @pytest.mark.parametrize("tier, expected", [("fast", "gemini-quick"),
@@ -327,9 +336,11 @@ def test_stream_failure_after_text_is_a_clear_error_and_recorded(run_main, fake,
     assert r.code == 1, r.err
     assert r.out.startswith(f"[{DEFAULT_MODEL}]")
     assert r.out.strip() != f"[{DEFAULT_MODEL}] one two three four five six"
+    assert r.out.endswith("\n")             # the partial line is ended: the error stands alone
     lines = r.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gemini-router: error: ")
     assert "stream" in lines[0] and "Traceback" not in r.err
+    assert re.search(r"incomplete|partial|after output began", lines[0]), lines[0]
     assert fake.count(action="stream") == 1                   # printed text: no second try
     samples = json.loads((state_dir / "model_stats.json").read_text())["models"]
     assert [(s["ok"], s["kind"]) for s in samples[DEFAULT_MODEL]] == [(False, "transient")]
@@ -355,6 +366,18 @@ def test_dry_run_predicts_the_next_route(run_main, fake):
     real = route_ok(run_main, "--json", "hi").json()
     assert (plan["model"], plan["key"]) == (real["model"], real["key"]) == \
         (DEFAULT_MODEL, "key#2")
+
+
+def test_dry_run_on_fresh_state_names_a_model_the_endpoint_has(state_dir):
+    with FakeGemini(models=make_models(4)) as server:
+        cli = CLI(server, state_dir, KEYS[:2])
+        plan = cli("route", "--dry-run", "--json", "hi")
+        assert plan.code == 0, plan.err
+        assert server.count(action=("generate", "stream")) == 0
+        real = cli("route", "--json", "hi")
+        assert real.code == 0, real.err
+        assert (plan.json()["model"], plan.json()["key"]) == \
+            (real.json()["model"], real.json()["key"])
 
 
 def test_dry_run_explains_a_lock(run_main, fake):

@@ -30,6 +30,7 @@ import pytest
 
 import gemini_router
 from conftest import CLI, KEYS, ROOT
+from fake_gemini import FakeGemini, make_models
 
 DEFAULT_MODEL = "gemini-2.5-flash"         # what a fresh state routes to first
 STATE_FILES = {"stats": "model_stats.json", "router": "router_state.json",
@@ -278,6 +279,16 @@ def test_route_on_fresh_state_picks_a_default_and_says_so(run_main, fake):
     assert DEFAULT_MODEL in r.err and "default" in r.err
 
 
+def test_route_on_fresh_state_picks_from_the_listed_models(state_dir):
+    with FakeGemini(models=make_models(4)) as server:
+        r = CLI(server, state_dir, KEYS[:2])("route", "-v", "hi")
+        assert r.code == 0, r.err
+        [call] = [c for c in server.calls if c.action == "generate"]
+        assert call.model.startswith("sim-model-")
+        assert r.out == f"[{call.model}] hi\n"
+        assert f"trying {call.model}" in r.err or f"{call.model} key#1" in r.err
+
+
 def test_route_json_has_the_spec_fields(run_main, fake):
     data = route_json(run_main, "alpha beta")
     assert {"model", "key", "text", "finish_reason", "latency_s", "usage",
@@ -353,11 +364,13 @@ def test_locked_model_failing_never_falls_back(run_main, fake):
     assert fake.count(action="generate") == 2
 
 
-@pytest.mark.parametrize("name", ["nosuchmodel", "models/nosuchmodel", "text-embedding-004"])
+@pytest.mark.parametrize("name", ["nosuchmodel", "models/nosuchmodel", "text-embedding-004",
+                                  "gemini-2.5-flash-preview-tts"])
 def test_lock_unknown_model_is_a_usage_error_and_writes_no_lock(run_main, fake, state_dir, name):
+    """Only a model routing can use (a listed text model, as `models` shows) can be locked."""
     r = run_main("lock", name)
     assert_one_error_line(r, 2)
-    assert "nosuchmodel" in r.err or "text-embedding-004" in r.err
+    assert name.replace("models/", "") in r.err
     router = state_dir / STATE_FILES["router"]
     assert not router.exists() or read_doc(router)["lock"] is None
 
@@ -379,6 +392,20 @@ def test_round_robin_spreads_routes_evenly(run_main, fake):
         route_json(run_main, "hi", keys=KEYS)
     assert [fake.count(key=k, action="generate") for k in KEYS] == [4, 4, 4]
     assert [c.key for c in generate_calls(fake)[:3]] == KEYS
+
+
+def test_round_robin_holds_under_concurrent_processes(fake, state_dir):
+    """Six routes at once over three keys: the locked state hands out each key twice."""
+    from concurrent.futures import ThreadPoolExecutor
+    cli = CLI(fake, state_dir, KEYS)
+    assert cli("models").code == 0                      # list once, so routes only generate
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda i: cli("route", f"prompt {i}"), range(6)))
+    assert [r.code for r in results] == [0] * 6, [r.err for r in results]
+    assert [fake.count(key=k, action="generate") for k in KEYS] == [2, 2, 2]
+    assert_state_valid(state_dir)
+    stats = read_doc(state_dir / STATE_FILES["stats"])["models"]
+    assert len(stats[DEFAULT_MODEL]) == 6
 
 
 def test_round_robin_skips_a_disabled_key_and_says_so_once(run_main, fake):
@@ -496,7 +523,7 @@ def test_every_command_human_output_is_text(run_main, fake, state_dir, command):
     pytest.param(None, ("stats",), {"ROLLING_WINDOW": "many"}, 3, 0, id="3-bad-setting"),
     pytest.param("rate_minute", ("route", "hi"), {}, 4, 12, id="4-all-limited"),
 ])
-def test_exit_codes(run_main, fake, setup, args, env, code, generate_count):
+def test_exit_codes(run_main, fake, state_dir, setup, args, env, code, generate_count):
     if setup:
         fake.set_behaviour(setup)
     r = run_main(*args, env=env)
@@ -505,6 +532,8 @@ def test_exit_codes(run_main, fake, setup, args, env, code, generate_count):
     else:
         assert_one_error_line(r, code)
     assert fake.count(action="generate") == generate_count
+    if state_dir.exists():
+        assert_state_valid(state_dir)
 
 
 @pytest.mark.parametrize("setup, args, code", [

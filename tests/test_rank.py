@@ -290,6 +290,22 @@ def test_probe_disables_a_refused_key(run_main, fake):
     assert {m: stats[m]["success_rate"] for m in TEXT_MODELS} == {m: 1.0 for m in TEXT_MODELS}
 
 
+def test_probes_count_toward_the_per_minute_ceiling(run_main, fake):
+    # With one call per key and model per minute allowed, a second round has nothing left
+    # to spend: the 2 keys carry one probe each, the third probe is never sent.
+    model = "gemini-2.0-flash"
+    env = {"GEMINI_ROUTER_RPM": "1"}
+    r = run_main("rank", "--models", model, "--rounds", "3", env=env)
+    assert r.code == 0, r.err
+    assert fake.count(model=model, action="generate") == 2
+    assert {fake.count(key=k, model=model, action="generate") for k in KEYS[:2]} == {1}
+    # ... and a route right after finds every key at its ceiling for that model.
+    r = run_main("route", "-m", model, "hi", env=env)
+    assert r.code == 4, r.err
+    assert "earliest: key#" in r.err and f"on {model} in " in r.err
+    assert fake.count(model=model, action="generate") == 2
+
+
 def test_no_progress_bar_when_stderr_is_not_a_terminal(cli):
     r = cli("rank")
     assert r.code == 0, r.err

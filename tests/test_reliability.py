@@ -270,6 +270,17 @@ def test_bad_state_file_is_kept_aside_and_route_recovers(warmed, run_main, fake,
     assert again.code == 0 and again.err == ""
 
 
+def test_stray_temp_files_of_a_crashed_writer_are_ignored(warmed, run_main):
+    """A writer killed between creating its temp file and renaming it leaves the temp file;
+    the real file is still the last complete one and the next command carries on."""
+    for name in STATE_FILES:
+        (warmed.state_dir / f".{name}.99999.tmp").write_bytes(b'{"schema": 1, "ki')
+    r = run_main("route", "carry on", env=BIG_WINDOW)
+    assert r.code == 0 and r.err == ""
+    assert sample_count(warmed.state_dir) == 2
+    assert_state_intact(warmed.state_dir)
+
+
 @pytest.mark.parametrize("command,name", [("stats", "model_stats.json"),
                                           ("tiers", "model_stats.json"),
                                           ("tiers", "router_state.json"),
@@ -333,11 +344,11 @@ def _no_file_writes() -> None:
 
 @pytest.mark.parametrize("args", [("route", "hello"), ("unlock",),
                                   ("cooldowns", "--clear")])
-def test_unwritable_state_is_exit_3_and_files_survive(warmed, fake, args):
+def test_unwritable_state_is_exit_3_and_files_survive(warmed, run_main, fake, args):
     # a cooldown and a lock give `cooldowns --clear` and `unlock` something to write
-    assert warmed("lock", "gemini-2.5-flash").code == 0
+    assert run_main("lock", "gemini-2.5-flash").code == 0
     fake.set_behaviour("rate_minute", model="gemini-2.0-flash")
-    assert warmed("route", "-m", "gemini-2.0-flash", "x").code == 4
+    assert run_main("route", "-m", "gemini-2.0-flash", "x").code == 4
     fake.clear_behaviours()
     before = {n: (warmed.state_dir / n).read_bytes() for n in STATE_FILES}
     fake.reset_log()
