@@ -350,14 +350,16 @@ def test_stream_failure_after_text_is_a_clear_error_and_recorded(run_main, fake,
 # 5. --dry-run
 # --------------------------------------------------------------------------------------
 
-def test_dry_run_on_fresh_state_calls_nothing(run_main, fake):
+def test_dry_run_calls_nothing_and_names_the_choice(run_main, fake):
+    assert run_main("models").code == 0                     # a cached model list
+    fake.reset_log()
     r = route_ok(run_main, "--dry-run", "hi")
-    assert fake.count(action=("generate", "stream")) == 0
     assert f"{DEFAULT_MODEL} with key#1" in r.out
     data = route_ok(run_main, "--dry-run", "--json", "hi").json()
     assert (data["model"], data["key"]) == (DEFAULT_MODEL, "key#1")
     assert data["order"][0] == DEFAULT_MODEL
-    assert fake.count(action=("generate", "stream")) == 0
+    assert "default" in data["why"] or "balance" in data["why"]
+    assert fake.calls == []
 
 
 def test_dry_run_predicts_the_next_route(run_main, fake):
@@ -368,16 +370,19 @@ def test_dry_run_predicts_the_next_route(run_main, fake):
         (DEFAULT_MODEL, "key#2")
 
 
-def test_dry_run_on_fresh_state_names_a_model_the_endpoint_has(state_dir):
+def test_dry_run_on_fresh_state_stays_offline_and_guesses_nothing(state_dir):
+    """Without a cached model list the dry run cannot know the models: it says so, calls
+    nothing at all (not even the list), and names no model."""
     with FakeGemini(models=make_models(4)) as server:
         cli = CLI(server, state_dir, KEYS[:2])
         plan = cli("route", "--dry-run", "--json", "hi")
         assert plan.code == 0, plan.err
-        assert server.count(action=("generate", "stream")) == 0
-        real = cli("route", "--json", "hi")
-        assert real.code == 0, real.err
-        assert (plan.json()["model"], plan.json()["key"]) == \
-            (real.json()["model"], real.json()["key"])
+        assert len(server.calls) == 0
+        assert (plan.json()["model"], plan.json()["key"]) == (None, None)
+        assert plan.json()["model_list"] == "not cached"
+        human = cli("route", "--dry-run", "hi")
+        assert human.out.startswith("would use: unknown (no cached model list")
+        assert len(server.calls) == 0
 
 
 def test_dry_run_explains_a_lock(run_main, fake):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -43,6 +42,15 @@ STATE_FILES = {"stats": "model_stats.json", "router": "router_state.json",
 
 def fingerprint(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def route_touching_every_file(run_main, fake, *args, **kw) -> dict:
+    """A route that changes all three state files: key#1 is rate limited (a cooldown), key#2
+    answers (samples, round-robin position)."""
+    fake.set_behaviour("rate_minute", key=KEYS[0], model=DEFAULT_MODEL)
+    data = route_json(run_main, "hi", *args, **kw)
+    assert [a["outcome"] for a in data["attempts"]] == ["rate_limited", "ok"]
+    return data
 
 
 def route_json(run_main, *args, **kw) -> dict:
@@ -196,7 +204,7 @@ def test_bad_endpoint_is_a_configuration_error(run_main, fake, endpoint):
 # --------------------------------------------------------------------------------------
 
 def test_route_writes_three_valid_private_files(run_main, fake, state_dir):
-    route_json(run_main, "hi")
+    route_touching_every_file(run_main, fake)
     assert sorted(p.name for p in state_dir.iterdir()) == \
         sorted([*STATE_FILES.values(), "state.lock"])
     assert_state_valid(state_dir)
@@ -215,7 +223,7 @@ def test_state_directory_resolution(run_main, fake, tmp_path, where):
     elif where == "home":
         env = {"GEMINI_ROUTER_STATE_DIR": None, "HOME": str(tmp_path / "home")}
         expected = tmp_path / "home" / ".local" / "state" / "gemini-router"
-    route_json(run_main, "hi", *args, env=env)
+    route_touching_every_file(run_main, fake, *args, env=env)
     assert sorted(p.name for p in expected.iterdir()) == \
         sorted([*STATE_FILES.values(), "state.lock"])
     assert_state_valid(expected)
@@ -225,7 +233,7 @@ def test_state_directory_resolution(run_main, fake, tmp_path, where):
                                             ("cooldowns", "COOLDOWN_FILE")])
 def test_single_file_override(run_main, fake, state_dir, tmp_path, name, variable):
     moved = tmp_path / "elsewhere" / f"my-{name}.json"
-    route_json(run_main, "hi", env={variable: str(moved)})
+    route_touching_every_file(run_main, fake, env={variable: str(moved)})
     assert read_doc(moved)["schema"] == 1
     assert moved.stat().st_mode & 0o777 == 0o600
     assert not (state_dir / STATE_FILES[name]).exists()
@@ -611,11 +619,13 @@ def test_global_options_before_or_after_the_subcommand(run_main, fake, args):
 
 
 @pytest.mark.parametrize("where", ["before", "after"])
-def test_state_dir_flag_before_or_after_the_subcommand(run_main, fake, tmp_path, where):
+def test_state_dir_flag_before_or_after_the_subcommand(run_main, fake, state_dir, tmp_path,
+                                                      where):
     flag = ["--state-dir", str(tmp_path / "mine")]
     args = [*flag, "route", "hi"] if where == "before" else ["route", "hi", *flag]
     assert run_main(*args).code == 0
     assert (tmp_path / "mine" / STATE_FILES["stats"]).exists()
+    assert not state_dir.exists()
 
 
 @pytest.mark.parametrize("name", ["gemini-2.0-flash", "models/gemini-2.0-flash"])

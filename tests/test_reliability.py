@@ -60,6 +60,17 @@ def assert_state_intact(state_dir: Path) -> dict[str, dict]:
     return docs
 
 
+def assert_state_intact_but(state_dir: Path, set_aside: str) -> None:
+    """Like assert_state_intact, with exactly one set-aside copy of `set_aside`."""
+    names = sorted(p.name for p in state_dir.iterdir())
+    kept = [p.name for p in set_aside_files(state_dir, set_aside)]
+    assert [n for n in names if ".corrupt-" in n] == kept and len(kept) == 1
+    for name in names:
+        if name.endswith(".json"):
+            doc = json.loads((state_dir / name).read_text())
+            assert doc["schema"] == 1 and doc["kind"] == f"gemini-router/{STATE_FILES[name]}"
+
+
 def sample_count(state_dir: Path) -> int:
     path = state_dir / "model_stats.json"
     if not path.exists():
@@ -79,10 +90,14 @@ def one_line(err: str) -> str:
 
 @pytest.fixture
 def warmed(cli, run_main, fake):
-    """A state directory after one successful route: all three files exist, the model list
-    is cached; the fake's log is then cleared. Returns the subprocess runner."""
+    """A state directory after one route that met a rate limit on key#1 and was answered
+    with key#2: all three files exist (key#1 cools on gemini-2.5-flash for an hour), the
+    model list is cached; the fake's log is then cleared. Returns the subprocess runner."""
+    fake.set_behaviour("rate_minute", key=KEYS[0], model="gemini-2.5-flash", times=1,
+                       retry_delay="3600s")
     r = run_main("route", "warm up", env=BIG_WINDOW)
     assert r.code == 0, r.err
+    assert sample_count(cli.state_dir) == 2
     assert sorted(p.name for p in cli.state_dir.iterdir()) == [
         "cooldowns.json", "model_stats.json", "router_state.json", "state.lock"]
     fake.reset_log()
@@ -107,7 +122,7 @@ def test_32_concurrent_routes_record_every_sample(warmed, fake):
     docs = assert_state_intact(warmed.state_dir)
     assert sample_count(warmed.state_dir) == before + 32
     assert [s["kind"] for s in docs["model_stats.json"]["models"]["gemini-2.5-flash"]] \
-        == ["ok"] * 33
+        == ["rate_limited"] + ["ok"] * 33
     # nothing but the three files and the lock: no temp file left behind
     assert sorted(p.name for p in warmed.state_dir.iterdir()) == [
         "cooldowns.json", "model_stats.json", "router_state.json", "state.lock"]
@@ -168,7 +183,7 @@ def test_sigkill_at_random_points_leaves_state_usable(warmed, fake):
     docs = assert_state_intact(warmed.state_dir)
     recorded = sample_count(warmed.state_dir)
     answered = sum(1 for c in fake.calls if c.action == "generate" and c.status == 200)
-    assert 1 <= recorded <= 1 + answered
+    assert 2 <= recorded <= 2 + answered
 
     fake.clear_behaviours()
     stats = warmed("stats", "--json")
@@ -209,6 +224,26 @@ def test_ctrl_c_during_rank_keeps_finished_samples(cli, fake):
                              "gemini-2.5-flash-lite"]
     assert all([s["kind"] for s in samples] == ["ok"] for samples in stats.values())
     assert_state_intact(cli.state_dir)
+
+
+def test_ctrl_c_during_route_is_130_and_leaves_no_lock_behind(warmed, fake):
+    fake.set_behaviour("hang", model="gemini-2.5-flash")
+    proc = spawn(warmed, "route", "never answered")
+    deadline = time.monotonic() + 30
+    while fake.count(action="generate") == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=20)
+
+    assert proc.returncode == 130
+    assert out == b""
+    assert "Traceback" not in err.decode()
+    assert err.decode().count("\n") == 1 and "interrupted" in err.decode()
+    assert_state_intact(warmed.state_dir)
+    fake.clear_behaviours()
+    after = warmed("route", "next one", env={"GEMINI_ROUTER_LOCK_TIMEOUT": "2"})
+    assert after.code == 0 and after.out == "[gemini-2.5-flash] next one\n"
 
 
 # --------------------------------------------------------------------------------------
@@ -260,14 +295,11 @@ def test_bad_state_file_is_kept_aside_and_route_recovers(warmed, run_main, fake,
     assert len(kept) == 1
     assert kept[0].name in r.err
     assert kept[0].read_bytes() == bad          # kept, byte for byte
-    doc = json.loads((warmed.state_dir / name).read_text())      # rewritten, valid
-    assert doc["schema"] == 1 and doc["kind"] == f"gemini-router/{STATE_FILES[name]}"
-    # the other two files were left alone
-    for other in set(STATE_FILES) - {name}:
-        assert set_aside_files(warmed.state_dir, other) == []
-    # and the next command runs without a word
-    again = run_main("stats", "--json")
-    assert again.code == 0 and again.err == ""
+    assert_state_intact_but(warmed.state_dir, name)   # rewritten (or not needed), valid
+    # and the next commands run without a word
+    for args in (("stats", "--json"), ("cooldowns", "--json"), ("tiers", "--json")):
+        again = run_main(*args)
+        assert again.code == 0 and again.err == "", args
 
 
 def test_stray_temp_files_of_a_crashed_writer_are_ignored(warmed, run_main):
@@ -277,7 +309,7 @@ def test_stray_temp_files_of_a_crashed_writer_are_ignored(warmed, run_main):
         (warmed.state_dir / f".{name}.99999.tmp").write_bytes(b'{"schema": 1, "ki')
     r = run_main("route", "carry on", env=BIG_WINDOW)
     assert r.code == 0 and r.err == ""
-    assert sample_count(warmed.state_dir) == 2
+    assert sample_count(warmed.state_dir) == 3
     assert_state_intact(warmed.state_dir)
 
 
