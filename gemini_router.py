@@ -36,7 +36,6 @@ import stat
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:      # annotations only: importing typing would slow every local command
@@ -113,8 +112,8 @@ class Settings:
     """Everything a command needs to know about its environment, validated once."""
     keys: tuple[ApiKey, ...]
     endpoint: str
-    state_dir: Path
-    files: dict[str, Path]
+    state_dir: str
+    files: dict[str, str]
     rolling_window: int
     cooldown_secs: float
     timeout: float
@@ -178,10 +177,10 @@ def validate_endpoint(raw: str, source: str) -> str:
     return value
 
 
-def default_state_dir(env: dict[str, str]) -> Path:
+def default_state_dir(env: dict[str, str]) -> str:
     xdg = env.get("XDG_STATE_HOME", "").strip()
-    base = Path(xdg) if xdg else Path.home() / ".local" / "state"
-    return base / "gemini-router"
+    base = xdg or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "gemini-router")
 
 
 def load_settings(env: dict[str, str], args: argparse.Namespace) -> Settings:
@@ -197,10 +196,11 @@ def load_settings(env: dict[str, str], args: argparse.Namespace) -> Settings:
     else:
         endpoint = DEFAULT_ENDPOINT
     state_flag = getattr(args, "state_dir", None)
-    state_dir = Path(state_flag or env.get("GEMINI_ROUTER_STATE_DIR", "").strip()
-                     or default_state_dir(env)).expanduser()
-    files = {name: Path(env[STATE_FILE_ENV[name]]).expanduser()
-             if env.get(STATE_FILE_ENV[name], "").strip() else state_dir / filename
+    state_dir = os.path.expanduser(state_flag or env.get("GEMINI_ROUTER_STATE_DIR", "").strip()
+                                   or default_state_dir(env))
+    files = {name: os.path.expanduser(env[STATE_FILE_ENV[name]].strip())
+             if env.get(STATE_FILE_ENV[name], "").strip()
+             else os.path.join(state_dir, filename)
              for name, filename in STATE_FILE_NAMES.items()}
     timeout_flag = getattr(args, "timeout", None)
     return Settings(
@@ -282,7 +282,7 @@ def doc_shape_ok(name: str, doc: Any) -> bool:
     if name == "cooldowns":
         entries, disabled = doc.get("cooldowns"), doc.get("disabled_keys")
         return isinstance(entries, list) and isinstance(disabled, dict) and all(
-            isinstance(e, dict) and _is_num(e.get("until")) and isinstance(e.get("reason"), str)
+            isinstance(e, dict) and _is_time(e.get("until")) and isinstance(e.get("reason"), str)
             and _opt_str(e.get("model")) and _opt_str(e.get("key")) for e in entries) \
             and all(isinstance(v, dict) for v in disabled.values())
     listing = doc.get("model_list")
@@ -291,16 +291,26 @@ def doc_shape_ok(name: str, doc: Any) -> bool:
             and all(isinstance(v, int) for v in doc["strikes"].values())
             and isinstance(doc.get("usage"), dict)
             and all(isinstance(u, dict) and isinstance(u.get("minute", []), list)
-                    and all(_is_num(t) for t in u.get("minute", []))
+                    and all(_is_time(t) for t in u.get("minute", []))
                     and isinstance(u.get("count", 0), int) for u in doc["usage"].values())
             and (listing is None or (isinstance(listing, dict)
-                                     and _is_num(listing.get("fetched_at"))
+                                     and _is_time(listing.get("fetched_at"))
                                      and isinstance(listing.get("models"), list)
                                      and all(_model_entry_ok(m) for m in listing["models"]))))
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")      # json.loads would accept NaN and Infinity
+
+
 def _is_num(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value) and value >= 0
+
+
+def _is_time(value: Any) -> bool:
+    """A unix time this tool could have written (before the year 5138)."""
+    return _is_num(value) and value < 1e11
 
 
 def _opt_str(value: Any) -> bool:
@@ -308,7 +318,7 @@ def _opt_str(value: Any) -> bool:
 
 
 def _sample_ok(s: Any) -> bool:
-    return (isinstance(s, dict) and _is_num(s.get("t")) and isinstance(s.get("ok"), bool)
+    return (isinstance(s, dict) and _is_time(s.get("t")) and isinstance(s.get("ok"), bool)
             and isinstance(s.get("kind"), str) and _is_num(s.get("latency", 0))
             and isinstance(s.get("prompt_tokens", 0), int)
             and isinstance(s.get("output_tokens", 0), int))
@@ -360,62 +370,118 @@ class StateTransaction:
         for name, doc in self._docs.items():
             if self._original[name] is None and doc == empty_doc(name):
                 continue        # nothing to keep: do not create a file for it
-            text = json.dumps(doc, separators=(",", ":"), sort_keys=True)
+            text = json.dumps(doc, separators=(",", ":"))
             if text != self._original[name]:
                 self._store.write(name, text)
 
 
 class StateStore:
+    """The state directory: where the files are, the lock, and atomic loads and writes."""
+
     def __init__(self, settings: Settings):
         self.settings = settings
         self.paths = settings.files
-        self.lock_path = settings.state_dir / "state.lock"
+        self.lock_path = os.path.join(settings.state_dir, "state.lock")
 
-    def ensure_dir(self) -> None:
-        for directory in {self.settings.state_dir, *(p.parent for p in self.paths.values())}:
-            if directory.exists() and not directory.is_dir():
+    def check_dirs(self, create: bool) -> bool:
+        """True when every state directory exists (creating them 0700 if asked)."""
+        dirs = {self.settings.state_dir, *(os.path.dirname(p) or "." for p in self.paths.values())}
+        for directory in sorted(dirs):
+            if os.path.isdir(directory):
+                continue
+            if os.path.lexists(directory):
                 raise ConfigError(f"state directory {directory} is not a directory")
+            if not create:
+                return False
             try:
-                directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+                os.makedirs(directory, mode=0o700, exist_ok=True)
             except OSError as exc:
                 raise ConfigError(f"cannot create state directory {directory}: "
                                   f"{exc.strerror or exc}") from None
+        return True
 
     @contextlib.contextmanager
     def transaction(self, write: bool = True) -> Iterator[StateTransaction]:
-        """Hold the state lock for the block; commit changed documents if it ends cleanly."""
-        self.ensure_dir()
+        """Hold the state lock for the block; commit changed documents if it ends cleanly.
+
+        write=False is a read-only snapshot: it shares the lock with other readers and
+        creates nothing when there is no state yet."""
+        if not write:
+            with self._shared_hold() as held:
+                tx = StateTransaction(self) if held else _EmptyTransaction()
+                yield tx
+            return
+        self.check_dirs(create=True)
         from filelock import FileLock, Timeout
-        lock = FileLock(str(self.lock_path), timeout=self.settings.lock_timeout, mode=0o600)
+        lock = FileLock(self.lock_path, timeout=self.settings.lock_timeout, mode=0o600)
         try:
             lock.acquire()
         except Timeout:
-            raise ConfigError(f"state lock {self.lock_path} held by another process for more "
-                              f"than {_num(self.settings.lock_timeout)} s "
-                              "(GEMINI_ROUTER_LOCK_TIMEOUT)") from None
+            raise self._lock_timeout() from None
         except OSError as exc:
             raise ConfigError(f"cannot lock state in {self.settings.state_dir}: "
                               f"{exc.strerror or exc}") from None
         try:
             tx = StateTransaction(self)
             yield tx
-            if write:
-                tx.commit()
+            tx.commit()
         finally:
             lock.release()
+
+    @contextlib.contextmanager
+    def _shared_hold(self) -> Iterator[bool]:
+        """A shared hold of the state lock for readers; yields False when there is no state.
+
+        filelock's Unix lock is flock(LOCK_EX) on the lock file, so a reader taking
+        flock(LOCK_SH) on the same file never overlaps a write, and readers never queue
+        behind each other. Readers do it directly because importing filelock costs more than
+        a whole local command; where fcntl is missing they use filelock like writers."""
+        try:
+            import fcntl
+        except ImportError:
+            with self.transaction() as tx:
+                yield bool(tx)
+            return
+        if not self.check_dirs(create=False):
+            yield False
+            return
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise ConfigError(f"cannot lock state in {self.settings.state_dir}: "
+                              f"{exc.strerror or exc}") from None
+        try:
+            deadline = time.monotonic() + self.settings.lock_timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise self._lock_timeout() from None
+                    time.sleep(0.01)
+            yield True
+        finally:
+            os.close(fd)          # closing the descriptor releases the flock
+
+    def _lock_timeout(self) -> ConfigError:
+        return ConfigError(f"state lock {self.lock_path} held by another process for more "
+                           f"than {_num(self.settings.lock_timeout)} s "
+                           "(GEMINI_ROUTER_LOCK_TIMEOUT)")
 
     def load(self, name: str) -> tuple[str | None, dict[str, Any]]:
         """(raw text, document). A missing file is empty; a corrupt one is set aside."""
         path = self.paths[name]
         try:
-            raw = path.read_bytes()
+            with open(path, "rb") as f:
+                raw = f.read()
         except FileNotFoundError:
             return None, empty_doc(name)
         except OSError as exc:
             raise ConfigError(f"cannot read state file {path}: {exc.strerror or exc}") from None
         try:
-            doc = json.loads(raw)
-        except ValueError:
+            doc = json.loads(raw, parse_constant=_reject_constant)
+        except (ValueError, RecursionError):
             return None, self.set_aside(name, "is not valid JSON")
         if not isinstance(doc, dict) or doc.get("kind", f"gemini-router/{name}") != \
                 f"gemini-router/{name}":
@@ -435,36 +501,47 @@ class StateStore:
         """Keep a bad file for the user to inspect, and start that document afresh."""
         path = self.paths[name]
         stamp = time.strftime("%Y%m%dT%H%M%S")
-        target = path.with_name(f"{path.name}.corrupt-{stamp}")
+        target = f"{path}.corrupt-{stamp}"
         n = 1
-        while target.exists():
+        while os.path.lexists(target):
             n += 1
-            target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+            target = f"{path}.corrupt-{stamp}-{n}"
         try:
             os.replace(path, target)
+        except FileNotFoundError:
+            return empty_doc(name)   # another reader set it aside first
         except OSError as exc:
             raise ConfigError(f"state file {path} {why} and cannot be moved aside: "
                               f"{exc.strerror or exc}") from None
-        warn(f"state file {path} {why}; kept it as {target.name} and started afresh")
+        warn(f"state file {path} {why}; kept it as {os.path.basename(target)} and started "
+             "afresh")
         return empty_doc(name)
 
     def write(self, name: str, text: str) -> None:
+        """Replace a state file atomically: temp file, fsync, rename."""
         path = self.paths[name]
-        # Writes happen only under the lock, so one fixed temp name suffices; a crash's
-        # leftover is simply overwritten by the next write.
-        tmp = path.with_name(f".{path.name}.tmp")
+        # Writes happen only under the exclusive lock, so one fixed temp name suffices; a
+        # crash's leftover is simply overwritten by the next write.
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.write(fd, text.encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            with open(fd, "wb") as f:
+                f.write(text.encode())
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, path)
         except OSError as exc:
             with contextlib.suppress(OSError):
-                tmp.unlink()
+                os.unlink(tmp)
             raise ConfigError(f"cannot write state file {path}: {exc.strerror or exc}") from None
+
+
+class _EmptyTransaction(StateTransaction):
+    """What a reader sees when there is no state directory yet: empty documents."""
+
+    def __init__(self) -> None:
+        self._docs = {name: empty_doc(name) for name in STATE_FILE_NAMES}
+        self._original = {}
 
 
 # ======================================================================================
@@ -535,8 +612,16 @@ def _parse_duration(value: Any) -> float | None:
     return None
 
 
-def outcome_from_error(exc: BaseException, timeout: float) -> Outcome:
-    """Classify an exception from the SDK or its HTTP layer (GEMINI_API_NOTES, 'Errors')."""
+def outcome_from_error(exc: BaseException, settings: Settings) -> Outcome:
+    """Classify an exception from the SDK or its HTTP layer, with a short, redacted detail."""
+    outcome = _classify_error(exc, settings.timeout)
+    # Redact before shortening: a cut could leave part of a key that redact() won't match.
+    outcome.detail = _one_line(redact(outcome.detail, settings.keys), 300)
+    return outcome
+
+
+def _classify_error(exc: BaseException, timeout: float) -> Outcome:
+    """The failure table of GEMINI_API_NOTES ('Errors over REST') as outcome kinds."""
     from google.api_core import exceptions as gx
     import requests
     if isinstance(exc, gx.GoogleAPICallError):
@@ -571,11 +656,11 @@ def outcome_from_error(exc: BaseException, timeout: float) -> Outcome:
         return Outcome("transient", f"no answer within {_num(timeout)} s (timeout)")
     if isinstance(exc, requests.exceptions.ConnectionError):
         if _is_connect_failure(exc):
-            return Outcome("unreachable", f"cannot connect: {_first_line(exc)}")
-        return Outcome("transient", f"connection broken: {_first_line(exc)}")
+            return Outcome("unreachable", f"cannot connect: {_one_line(exc)}")
+        return Outcome("transient", f"connection broken: {_one_line(exc)}")
     # Anything else (an empty or malformed 200 body the SDK cannot parse, a broken stream) is
     # the server's fault, not the request's.
-    return Outcome("transient", f"malformed response ({type(exc).__name__}: {_first_line(exc)})")
+    return Outcome("transient", f"malformed response ({type(exc).__name__}: {_one_line(exc)})")
 
 
 def _is_connect_failure(exc: BaseException) -> bool:
@@ -602,14 +687,15 @@ def _upstream_message(exc: Any) -> str:
         body = exc.response.json()
         message = body["error"]["message"]
         if isinstance(message, str) and message:
-            return _first_line(message)
+            return _one_line(message)
     text = str(getattr(exc, "message", "") or exc)
-    return _first_line(text.split(": ", 1)[1] if text.startswith(("POST ", "GET ")) else text)
+    return _one_line(text.split(": ", 1)[1] if text.startswith(("POST ", "GET ")) else text)
 
 
-def _first_line(value: Any, limit: int = 300) -> str:
+def _one_line(value: Any, limit: int | None = None) -> str:
+    """Whitespace folded to single spaces; cut to `limit` characters when given."""
     text = " ".join(str(value).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return text if limit is None or len(text) <= limit else text[: limit - 1] + "…"
 
 
 def outcome_from_response(response: Any, streamed: bool = False) -> Outcome:
@@ -662,22 +748,21 @@ class GeminiClient:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self._clients: dict[int, tuple[Any, Any]] = {}
+        self._clients: dict[tuple[str, int], Any] = {}
         self.glm = _import_sdk()
 
-    def _pair(self, key: ApiKey) -> tuple[Any, Any]:
-        if key.index not in self._clients:
+    def _client(self, service: str, key: ApiKey) -> Any:
+        """The SDK client of `service` ("GenerativeService"/"ModelService") for this key."""
+        if (service, key.index) not in self._clients:
             opts = {"api_endpoint": self.settings.endpoint, "api_key": key.secret}
-            pair = (self.glm.GenerativeServiceClient(transport="rest", client_options=opts),
-                    self.glm.ModelServiceClient(transport="rest", client_options=opts))
-            for client in pair:
-                # The REST session "refreshes credentials" and resends on a 401, twice; an
-                # API key cannot be refreshed, so that would only triple a refused key's cost.
-                session = getattr(getattr(client, "_transport", None), "_session", None)
-                if session is not None and hasattr(session, "_refresh_status_codes"):
-                    session._refresh_status_codes = ()
-            self._clients[key.index] = pair
-        return self._clients[key.index]
+            client = getattr(self.glm, f"{service}Client")(transport="rest", client_options=opts)
+            # The REST session "refreshes credentials" and resends on a 401, twice; an API
+            # key cannot be refreshed, so that would only triple a refused key's cost.
+            session = getattr(getattr(client, "_transport", None), "_session", None)
+            if session is not None and hasattr(session, "_refresh_status_codes"):
+                session._refresh_status_codes = ()
+            self._clients[service, key.index] = client
+        return self._clients[service, key.index]
 
     def build_request(self, model: str, prompt: PromptRequest) -> Any:
         glm = self.glm
@@ -698,18 +783,16 @@ class GeminiClient:
     def generate(self, key: ApiKey, model: str, prompt: PromptRequest,
                  on_text: Callable[[str], None] | None = None) -> Outcome:
         """One upstream call, classified. With on_text the answer is streamed into it."""
-        generative, _ = self._pair(key)
-        request = self.build_request(model, prompt)
+        generative = self._client("GenerativeService", key)
         try:
+            request = self.build_request(model, prompt)
             if on_text is None:
                 response = generative.generate_content(request, timeout=self.settings.timeout,
                                                        retry=None)
                 return outcome_from_response(response)
             return self._stream(generative, request, on_text)
         except Exception as exc:     # noqa: BLE001 - every failure is classified, none escapes
-            outcome = outcome_from_error(exc, self.settings.timeout)
-            outcome.detail = redact(outcome.detail, self.settings.keys)
-            return outcome
+            return outcome_from_error(exc, self.settings)
 
     def _stream(self, generative: Any, request: Any, on_text: Callable[[str], None]) -> Outcome:
         merged = self.glm.GenerateContentResponse()
@@ -725,7 +808,7 @@ class GeminiClient:
         except Exception as exc:     # noqa: BLE001
             if not printed:
                 raise
-            outcome = outcome_from_error(exc, self.settings.timeout)
+            outcome = outcome_from_error(exc, self.settings)
             outcome.kind = "transient"   # text already went out: the call as a whole failed
             outcome.detail = f"stream broke after output began: {outcome.detail}"
             outcome.partial = True
@@ -739,16 +822,15 @@ class GeminiClient:
 
     def list_models(self, key: ApiKey) -> list[dict[str, Any]] | Outcome:
         """Every model the key can see (following pages), or the classified failure."""
-        _, models = self._pair(key)
+        models = self._client("ModelService", key)
         try:
             pager = models.list_models(self.glm.ListModelsRequest(page_size=1000),
                                        timeout=self.settings.timeout, retry=None)
             return [model_entry(m) for m in pager]
         except Exception as exc:     # noqa: BLE001
-            outcome = outcome_from_error(exc, self.settings.timeout)
+            outcome = outcome_from_error(exc, self.settings)
             if outcome.kind == "model_unavailable":
                 outcome.kind = "transient"      # a 404 on the list is the endpoint's problem
-            outcome.detail = redact(outcome.detail, self.settings.keys)
             return outcome
 
 
@@ -1114,9 +1196,16 @@ class ProbeResult:
     t: float
 
 
+@dataclass
+class ProbeRun:
+    results: list[ProbeResult]
+    skipped: list[str]           # models no key could probe (all cooling or disabled)
+    seconds: float               # probing time, after the SDK import and client set-up
+
+
 def probe_models(settings: Settings, store: StateStore, models: list[str], rounds: int,
-                 concurrency: int, progress: bool) -> tuple[list[ProbeResult], list[str]]:
-    """Probe every model `rounds` times; returns (results, models skipped as cooling).
+                 concurrency: int, progress: bool) -> ProbeRun:
+    """Probe every model `rounds` times.
 
     Results are written to state in one transaction per round (and on Ctrl-C), never with
     the lock held across a call."""
@@ -1189,6 +1278,7 @@ def probe_models(settings: Settings, store: StateStore, models: list[str], round
                 bar.update(1)
 
     pool = ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(models))))
+    began = time.perf_counter()
     try:
         for _ in range(rounds):
             asyncio.run(run_round(pool))
@@ -1207,7 +1297,8 @@ def probe_models(settings: Settings, store: StateStore, models: list[str], round
         pool.shutdown(wait=False, cancel_futures=True)
     if bar is not None:
         bar.close()
-    return results, sorted(skipped - {r.model for r in results})
+    return ProbeRun(results, sorted(skipped - {r.model for r in results}),
+                    time.perf_counter() - began)
 
 
 class _MemoryTransaction(StateTransaction):
@@ -1660,6 +1751,11 @@ def read_stdin_prompt() -> str | None:
 def build_prompt(args: argparse.Namespace) -> PromptRequest:
     """The prompt from stdin and/or the argument (stdin first), plus options and files."""
     argument = None if args.prompt == "-" else args.prompt
+    # argv that is not UTF-8 arrives as lone surrogates, which cannot be sent anywhere.
+    for text, what in ((argument, "the prompt"), (args.system, "--system"),
+                       (args.model, "--model"), *((o, "-o") for o in args.option or [])):
+        if text is not None and not _is_utf8(text):
+            raise UsageError(f"{what} is not valid UTF-8")
     stdin_text = read_stdin_prompt()
     pieces = [p for p in (stdin_text, argument) if p is not None and p.strip()]
     if not pieces:
@@ -1671,7 +1767,8 @@ def build_prompt(args: argparse.Namespace) -> PromptRequest:
     schema = None
     if args.schema:
         try:
-            schema = schema_to_proto(json.loads(Path(args.schema).read_text()))
+            with open(args.schema, encoding="utf-8") as f:
+                schema = schema_to_proto(json.loads(f.read()))
         except OSError as exc:
             raise UsageError(f"cannot read schema {args.schema}: {exc.strerror or exc}") \
                 from None
@@ -1681,10 +1778,19 @@ def build_prompt(args: argparse.Namespace) -> PromptRequest:
                          attachments=attachments, schema=schema)
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def read_attachment(path: str) -> tuple[str, bytes]:
     import mimetypes
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as exc:
         raise UsageError(f"cannot read attachment {path}: {exc.strerror or exc}") from None
     mime = mimetypes.guess_type(path)[0]
@@ -1791,13 +1897,11 @@ def cmd_rank(args: argparse.Namespace, settings: Settings, out: Output) -> int:
         if not names:
             raise UsageError(f"no text model matches {args.models!r}")
     progress = sys.stderr.isatty() and not out.quiet and not os.environ.get("NO_COLOR")
-    began = time.perf_counter()
-    results, skipped = probe_models(settings, store, names, args.rounds,
-                                    args.concurrency, progress)
-    ok = sum(1 for r in results if r.outcome.kind == "ok")
-    out.note(f"probed {len(names)} models x {args.rounds} round(s): {ok}/{len(results)} ok "
-             f"in {time.perf_counter() - began:.2f} s"
-             + (f"; skipped (cooling): {', '.join(skipped)}" if skipped else ""))
+    run = probe_models(settings, store, names, args.rounds, args.concurrency, progress)
+    ok = sum(1 for r in run.results if r.outcome.kind == "ok")
+    out.note(f"probed {len(names)} models x {args.rounds} round(s): {ok}/{len(run.results)} ok "
+             f"in {run.seconds:.2f} s"
+             + (f"; skipped (cooling): {', '.join(run.skipped)}" if run.skipped else ""))
     return cmd_tiers(args, settings, out)
 
 
@@ -1971,8 +2075,23 @@ def cmd_models(args: argparse.Namespace, settings: Settings, out: Output) -> int
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line and exit code 2."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:    # type: ignore[override]
         raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, told the width so it need not import shutil to ask for it."""
+
+    def __init__(self, prog: str) -> None:
+        try:
+            width = int(os.environ.get("COLUMNS", "")) or os.get_terminal_size().columns
+        except (ValueError, OSError):
+            width = 80
+        super().__init__(prog, width=max(40, width - 2))
 
 
 def flag_type(limit: Limit) -> Callable[[str], float]:

@@ -502,7 +502,7 @@ big = open(big_stats).read()
 R["(200x20 model_stats.json bytes)"] = len(big)
 warm("json.loads model_stats.json (200 x 20)", lambda: json.loads(big))
 big_doc = json.loads(big)
-warm("json.dumps sort_keys (200 x 20) - commit does this per doc", lambda: json.dumps(big_doc, separators=(",", ":"), sort_keys=True))
+warm("json.dumps (200 x 20) - commit does this per loaded doc", lambda: json.dumps(big_doc, separators=(",", ":")))
 warm("doc_shape_ok stats (200 x 20)", lambda: gr.doc_shape_ok("stats", big_doc))
 warm("all_stats + compute_tiers (200 x 20)", lambda: gr.compute_tiers(gr.all_stats(big_doc), {}, "balanced"))
 warm("store.write stats: tmp + fsync + rename", lambda: store.write("stats", text))
@@ -524,7 +524,7 @@ client = gr.GeminiClient(settings)
 prompt = gr.PromptRequest("hi")
 key = settings.keys[0]
 model = gr.DEFAULT_PREFERENCE[0]
-t = P(); client._pair(key); rec("GeminiClient._pair (both clients, warm imports)", P() - t)
+t = P(); client._client("GenerativeService", key); rec("GeminiClient._client (generative, warm imports)", P() - t)
 t = P(); out = client.generate(key, model, prompt); rec("1st generate (new connection, lazy imports)", P() - t)
 assert out.kind == "ok", out
 warm("generate, warm (keep-alive)", lambda: client.generate(key, model, prompt))
@@ -538,7 +538,7 @@ with store.transaction(write=False) as tx:
 # A whole warm route in-process, counting what it does to the state store.
 counts = Counter()
 real_fsync, real_load, real_write = os.fsync, gr.StateStore.load, gr.StateStore.write
-real_tx, real_client = gr.StateStore.transaction, gr.GeminiClient._pair
+real_tx, real_client = gr.StateStore.transaction, gr.GeminiClient._client
 def fsync(fd):
     counts["fsync"] += 1; return real_fsync(fd)
 def load(self, name):
@@ -550,11 +550,11 @@ def transaction(self, write=True):
     counts["transactions"] += 1
     with real_tx(self, write) as tx:
         yield tx
-def pair(self, key):
-    counts["client pairs built"] += key.index not in self._clients
-    return real_client(self, key)
+def client_of(self, service, key):
+    counts["SDK clients built"] += (service, key.index) not in self._clients
+    return real_client(self, service, key)
 os.fsync, gr.StateStore.load, gr.StateStore.write = fsync, load, write
-gr.StateStore.transaction, gr.GeminiClient._pair = transaction, pair
+gr.StateStore.transaction, gr.GeminiClient._client = transaction, client_of
 t = P(); result = gr.route_prompt(settings, store, prompt); rec("route_prompt in-process, warm, 0 latency", P() - t)
 R["(route_prompt counts)"] = dict(counts)
 print(json.dumps(R))
@@ -589,8 +589,8 @@ def pool_run():
         assert len(list(pool.map(probe, names))) == len(names)
 
 def prober_run():
-    results, skipped = gr.probe_models(settings, store, names, 1, conc, False)
-    assert len(results) == len(names) and not skipped, (len(results), skipped)
+    run = gr.probe_models(settings, store, names, 1, conc, False)
+    assert len(run.results) == len(names) and not run.skipped, (len(run.results), run.skipped)
 
 out = {"prober": [], "pool": []}
 for i in range(runs + 1):                  # the first round is a warm-up

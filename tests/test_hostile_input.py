@@ -16,6 +16,7 @@ What this file proves (issue "Reliability and security", parts 4 and 5):
 from __future__ import annotations
 
 import json
+import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,10 +94,25 @@ MATRIX = [
     Row("whitespace-stdin", ("route", "-"), 2, "empty prompt", stdin=b" \n\t \n"),
     Row("non-utf8-stdin", ("route",), 2, "UTF-8", stdin=b"caf\xe9 \xff\xfe"),
     Row("non-utf8-stdin-dash", ("route", "-"), 2, "UTF-8", stdin=b"\x80\x81\x82"),
+    # argv bytes that are not UTF-8 reach Python as lone surrogates (surrogateescape)
+    Row("non-utf8-argument", ("route", os.fsdecode(b"caf\xe9 \xff")), 2, "UTF-8"),
+    Row("non-utf8-system", ("route", "-s", os.fsdecode(b"\xff\xfe"), "hi"), 2, "UTF-8"),
+    Row("non-utf8-key", ("route", "hi"), 3, "GEMINI_API_KEY_1",
+        {"GEMINI_API_KEY_1": os.fsdecode(b"AIza\xff\xfe")}),
+    # files and options
+    Row("missing-attachment", ("route", "-a", "/nonexistent/file.png", "hi"), 2,
+        "/nonexistent/file.png"),
+    Row("schema-not-json", ("route", "--schema", __file__, "hi"), 2, "schema"),
+    Row("option-not-a-number", ("route", "-o", "temperature=hot", "hi"), 2, "temperature"),
+    Row("option-unknown", ("route", "-o", "flavour=mint", "hi"), 2, "flavour"),
+    Row("wait-not-a-number", ("route", "--wait", "later", "hi"), 2, "--wait"),
+    Row("rank-zero-rounds", ("rank", "--rounds", "0"), 2, "--rounds"),
+    Row("rank-negative-concurrency", ("rank", "--concurrency", "-1"), 2, "--concurrency"),
     # model names, commands, flags
     Row("unknown-model-lock", ("lock", "no-such-model"), 2, "no-such-model"),
     Row("unknown-model-route", ("route", "-m", "models/no-such-model", "hi"), 2,
         "no-such-model"),
+    Row("unknown-model-path", ("lock", "../../etc/passwd"), 2, "../../etc/passwd"),
     Row("unknown-subcommand", ("frobnicate",), 2, "frobnicate"),
     Row("no-subcommand", (), 2, "command"),
     Row("unknown-flag", ("route", "--bogus", "hi"), 2, "--bogus"),
@@ -127,7 +143,7 @@ def assert_one_clean_error(r, code: int, fragment: str) -> None:
 
 @pytest.fixture
 def warmed(run_main, fake, state_dir):
-    """One successful route: the three state files exist and the model list is cached."""
+    """One successful route: state files exist and the model list is cached."""
     assert run_main("route", "warm up").code == 0
     fake.reset_log()
     return state_dir

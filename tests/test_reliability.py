@@ -147,6 +147,20 @@ def test_lock_held_too_long_is_exit_3(warmed, run_main, fake, args):
     assert run_main(*args).code == 0
 
 
+def test_lock_file_that_cannot_be_opened_is_exit_3_at_once(warmed, run_main, fake):
+    lock_path = warmed.state_dir / "state.lock"
+    lock_path.unlink()
+    lock_path.mkdir()                       # cannot be opened as a file, not even by root
+    began = time.monotonic()
+    r = run_main("route", "hello")
+    assert time.monotonic() - began < 5     # no waiting out the lock timeout
+    assert r.code == 3
+    assert r.out == ""
+    one_line(r.err)
+    assert "cannot lock state" in r.err
+    assert fake.count(action="generate") == 0
+
+
 def test_lock_timeout_waits_for_a_short_holder(warmed, fake):
     """A holder that lets go within the timeout delays the command, it does not fail it."""
     lock = filelock.FileLock(str(warmed.state_dir / "state.lock"))
@@ -165,20 +179,43 @@ def test_lock_timeout_waits_for_a_short_holder(warmed, fake):
 # 2. crashes
 # --------------------------------------------------------------------------------------
 
+def prompt_of(call) -> str | None:
+    try:
+        return call.body["contents"][0]["parts"][-1]["text"]
+    except (TypeError, KeyError, IndexError):
+        return None
+
+
 def test_sigkill_at_random_points_leaves_state_usable(warmed, fake):
+    """Twelve routes at once, each killed at a seeded random moment: half of them blindly
+    (mostly while starting up, listing or waiting for the lock), half 0-0.6 s after their
+    call reached the fake (which answers after 0.3 s): during the call, while recording the
+    outcome and writing state, or just after."""
     fake.set_behaviour("slow", seconds=0.3)
     rng = random.Random(20240611)
-    delays = [rng.uniform(0.1, 2.5) for _ in range(12)]
-    procs = [(spawn(warmed, "route", f"victim {i}", env=BIG_WINDOW), d)
-             for i, d in enumerate(delays)]
+    victims = [spawn(warmed, "route", f"victim {i}", env=BIG_WINDOW) for i in range(12)]
     began = time.monotonic()
-    for proc, delay in sorted(procs, key=lambda pd: pd[1]):
-        time.sleep(max(0.0, began + delay - time.monotonic()))
-        proc.send_signal(signal.SIGKILL)
-    for proc, _ in procs:
+    kill_at: dict[int, float] = {i: began + rng.uniform(0.1, 3.0) for i in range(0, 12, 2)}
+    extra = {i: rng.uniform(0.0, 0.6) for i in range(1, 12, 2)}
+    pending = set(range(12))
+    while pending and time.monotonic() < began + 60:
+        seen = {prompt_of(c) for c in list(fake.calls) if c.action == "generate"}
+        now = time.monotonic()
+        for i in sorted(pending):
+            if i in extra and i not in kill_at and f"victim {i}" in seen:
+                kill_at[i] = now + extra[i]
+            if victims[i].poll() is not None:
+                pending.discard(i)
+            elif i in kill_at and now >= kill_at[i]:
+                victims[i].send_signal(signal.SIGKILL)
+                pending.discard(i)
+        time.sleep(0.01)
+    for proc in victims:
         proc.communicate(timeout=30)
-    killed = sum(1 for proc, _ in procs if proc.returncode == -signal.SIGKILL)
-    assert killed >= 6, [p.returncode for p, _ in procs]   # most died mid-flight
+    codes = [proc.returncode for proc in victims]
+    assert codes.count(-signal.SIGKILL) >= 8, codes
+    # some died after their call went out (mid-call, recording, or writing)
+    assert sum(1 for i in extra if codes[i] == -signal.SIGKILL) >= 3, codes
 
     docs = assert_state_intact(warmed.state_dir)
     recorded = sample_count(warmed.state_dir)
@@ -258,6 +295,7 @@ FOREIGN = {   # case -> (content, a word the warning's reason carries)
     "json-list": (b"[1, 2, 3]", "gemini-router"),
     "json-string": (b'"hello"', "gemini-router"),
     "other-tool": (b'{"kind": "something-else", "data": 1}', "gemini-router"),
+    "deeply-nested": (b"[" * 100_000, "JSON"),      # json.loads raises RecursionError
     "older-schema": (None, "schema"),
     "no-schema": (None, "schema"),
     "wrong-shape": (None, "shape"),
@@ -302,6 +340,43 @@ def test_bad_state_file_is_kept_aside_and_route_recovers(warmed, run_main, fake,
         assert again.code == 0 and again.err == "", args
 
 
+def strict_json(text: str):
+    """json.loads that refuses NaN and Infinity, which are not JSON."""
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not valid JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+ODD_NUMBERS = {   # valid JSON for Python, hostile numbers inside
+    "stats-nan-latency": ("model_stats.json", {"models": {"gemini-2.5-flash": [
+        {"t": 1.0, "ok": True, "kind": "ok", "latency": float("nan")},
+        {"t": float("inf"), "ok": True, "kind": "ok", "latency": float("inf")}]}}),
+    "cooldown-until-infinity": ("cooldowns.json", {"cooldowns": [
+        {"model": "gemini-2.5-flash", "key": None, "until": float("inf"), "reason": "x"}],
+        "disabled_keys": {}}),
+    "cooldown-until-year-30-billion": ("cooldowns.json", {"cooldowns": [
+        {"model": "gemini-2.5-flash", "key": None, "until": 1e18, "reason": "x"}],
+        "disabled_keys": {}}),
+}
+
+
+@pytest.mark.parametrize("case", list(ODD_NUMBERS))
+def test_odd_numbers_in_state_never_crash_or_reach_json_output(warmed, run_main, case):
+    """NaN, Infinity or an absurd timestamp in a state file is either set aside or shown
+    sanely: never a traceback, and --json output stays strict JSON."""
+    name, body = ODD_NUMBERS[case]
+    doc = {"schema": 1, "kind": f"gemini-router/{STATE_FILES[name]}", **body}
+    (warmed.state_dir / name).write_text(json.dumps(doc))        # Python writes NaN/Infinity
+    for args in (("stats", "--json"), ("tiers", "--json"), ("cooldowns", "--json"),
+                 ("route", "--dry-run", "--json", "hi"), ("stats",), ("tiers",),
+                 ("cooldowns",)):
+        r = run_main(*args)         # an exception escaping main() fails the test here
+        assert r.code in (0, 4), (args, r.err)     # dry-run: 4 if everything is cooling
+        assert r.err.count("\n") <= 1, (args, r.err)
+        if "--json" in args:
+            strict_json(r.out)
+
+
 def test_stray_temp_files_of_a_crashed_writer_are_ignored(warmed, run_main):
     """A writer killed between creating its temp file and renaming it leaves the temp file;
     the real file is still the last complete one and the next command carries on."""
@@ -325,6 +400,15 @@ def test_local_commands_recover_from_a_corrupt_file(warmed, run_main, command, n
     one_line(r.err)
     assert "not valid JSON" in r.err and ".corrupt-" in r.err
     assert [p.read_bytes() for p in set_aside_files(warmed.state_dir, name)] == [b"{broken"]
+
+
+def test_corrupt_file_under_json_keeps_stdout_one_document(warmed, run_main):
+    (warmed.state_dir / "model_stats.json").write_bytes(b"\x00\x00 not json")
+    r = run_main("stats", "--json")
+    assert r.code == 0
+    assert strict_json(r.out) == {}                 # the samples went aside with the file
+    one_line(r.err)
+    assert "model_stats.json" in r.err and ".corrupt-" in r.err
 
 
 def test_two_corruptions_in_the_same_second_keep_both_files(warmed, run_main):

@@ -111,12 +111,11 @@ def run_everything(run_main, state_dir: Path, env: dict[str, str | None]) -> lis
     """Every command in order (state accumulates), with a corrupt stats file set aside in
     the middle; returns every leak found in the outputs and the state directory."""
     found = []
-    for i, args in enumerate(COMMANDS):
+    for args in COMMANDS:
         if args == ("stats",) and (state_dir / "model_stats.json").exists():
             with open(state_dir / "model_stats.json", "r+b") as f:   # truncated in place
                 f.truncate(20)
-        r = run_main(*args, env=env, keys=SECRET_KEYS[:2])
-        assert "Traceback" not in r.err, (args, r.err)
+        r = run_main(*args, env=env, keys=SECRET_KEYS[:2])   # an escaping exception fails
         found += [f"{' '.join(args)} stdout: {leak}" for leak in leaks(r.out)]
         found += [f"{' '.join(args)} stderr: {leak}" for leak in leaks(r.err)]
     found += scan_state_dir(state_dir)
@@ -133,7 +132,8 @@ def test_no_key_leaks_when_one_key_fails(kind, run_main, fake, state_dir):
     assert found == [], "\n".join(found)
     assert list(state_dir.glob("model_stats.json.corrupt-*"))     # the set-aside was scanned
     assert fake.count(key=SECRET_KEYS[0]) > 0                      # the markers were in play
-    assert fake.count(key=SECRET_KEYS[1], action=("generate", "stream")) > 0
+    if kind != "not_found":           # a 404 retires the model for every key: key 2 idles
+        assert fake.count(key=SECRET_KEYS[1], action=("generate", "stream")) > 0
 
 
 @pytest.mark.parametrize("kind", ["invalid_key", "forbidden", "rate_minute", "rate_day",
@@ -143,6 +143,7 @@ def test_no_key_leaks_when_every_key_fails(kind, run_main, fake, state_dir):
     apply_kind(fake, kind, SECRET_KEYS[:2])
     found = run_everything(run_main, state_dir, FAST)
     assert found == [], "\n".join(found)
+    assert fake.count(key=SECRET_KEYS[0]) > 0 and fake.count(key=SECRET_KEYS[1]) > 0
 
 
 def test_no_key_leaks_when_the_endpoint_is_unreachable(run_main, fake, state_dir):
