@@ -61,6 +61,7 @@ DEFAULT_PREFERENCE = ("gemini-2.5-flash", "gemini-2.0-flash", "gemini-2.5-flash-
 # A model whose name carries one of these words is not a text model, whatever methods it lists.
 NON_TEXT_WORDS = ("embed", "image", "imagen", "tts", "audio", "live", "veo", "aqa", "lyria",
                   "computer-use")
+MIN_KEY_LENGTH = 8
 TRANSIENT_STRIKES = 3          # consecutive transient failures that cool a model down
 MODEL_GONE_SECS = 3600.0       # a 404 model stays out of routing this long
 
@@ -155,6 +156,11 @@ def collect_keys(env: dict[str, str]) -> tuple[ApiKey, ...]:
         # far from here, so it is refused now (naming the variable, never the value).
         if not all(33 <= ord(ch) < 127 for ch in value):
             raise ConfigError(f"{source} holds a key with spaces or non-ASCII characters")
+        # Real keys are 39 characters. A very short "key" cannot be told apart from
+        # ordinary text, so redacting it from messages would garble them.
+        if len(value) < MIN_KEY_LENGTH:
+            raise ConfigError(f"{source} holds a value too short to be an API key "
+                              f"(fewer than {MIN_KEY_LENGTH} characters)")
         secrets.append(value)
     return tuple(ApiKey(i + 1, secret) for i, secret in enumerate(secrets))
 
@@ -655,16 +661,18 @@ def _classify_error(exc: BaseException, timeout: float) -> Outcome:
     if isinstance(exc, requests.exceptions.Timeout):
         return Outcome("transient", f"no answer within {_num(timeout)} s (timeout)")
     if isinstance(exc, requests.exceptions.ConnectionError):
-        if _is_connect_failure(exc):
-            return Outcome("unreachable", f"cannot connect: {_one_line(exc)}")
+        reason = _connect_failure(exc)
+        if reason is not None:
+            return Outcome("unreachable", reason)
         return Outcome("transient", f"connection broken: {_one_line(exc)}")
     # Anything else (an empty or malformed 200 body the SDK cannot parse, a broken stream) is
     # the server's fault, not the request's.
     return Outcome("transient", f"malformed response ({type(exc).__name__}: {_one_line(exc)})")
 
 
-def _is_connect_failure(exc: BaseException) -> bool:
-    """True when the TCP connection itself could not be made (endpoint down or wrong)."""
+def _connect_failure(exc: BaseException) -> str | None:
+    """Why the TCP connection itself could not be made (endpoint down or wrong), or None
+    when the failure came later. urllib3 buries the reason a few exceptions deep."""
     import urllib3.exceptions as ux
     seen: set[int] = set()
     todo: list[Any] = [exc]
@@ -673,12 +681,16 @@ def _is_connect_failure(exc: BaseException) -> bool:
         if item is None or id(item) in seen:
             continue
         seen.add(id(item))
-        if isinstance(item, (ux.NewConnectionError, ux.ConnectTimeoutError)):
-            return True
+        if isinstance(item, ux.NewConnectionError):      # (a ConnectTimeoutError subclass)
+            # "...: Failed to establish a new connection: [Errno 111] Connection refused"
+            detail = str(item).rsplit("new connection: ", 1)[-1]
+            return detail.split("] ", 1)[-1].strip().lower() or "connection failed"
+        if isinstance(item, ux.ConnectTimeoutError):
+            return "connection timed out"
         if isinstance(item, BaseException):
             todo.extend([item.__cause__, item.__context__, getattr(item, "reason", None),
                          *item.args])
-    return False
+    return None
 
 
 def _upstream_message(exc: Any) -> str:
@@ -2085,13 +2097,16 @@ class ArgumentParser(argparse.ArgumentParser):
 
 class _HelpFormatter(argparse.HelpFormatter):
     """argparse's formatter, told the width so it need not import shutil to ask for it."""
+    width: int | None = None
 
     def __init__(self, prog: str) -> None:
-        try:
-            width = int(os.environ.get("COLUMNS", "")) or os.get_terminal_size().columns
-        except (ValueError, OSError):
-            width = 80
-        super().__init__(prog, width=max(40, width - 2))
+        if _HelpFormatter.width is None:
+            try:
+                columns = int(os.environ.get("COLUMNS", "")) or os.get_terminal_size().columns
+            except (ValueError, OSError):
+                columns = 80
+            _HelpFormatter.width = max(40, columns - 2)
+        super().__init__(prog, width=_HelpFormatter.width)
 
 
 def flag_type(limit: Limit) -> Callable[[str], float]:

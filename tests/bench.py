@@ -495,7 +495,7 @@ def write_stats():
         del samples[:-20]
 warm("transaction appending 1 sample (stats + fsync)", write_stats)
 stats_path = settings.files["stats"]
-text = stats_path.read_text()
+text = open(stats_path).read()
 R["(typical model_stats.json bytes)"] = len(text)
 warm("json.loads model_stats.json (typical)", lambda: json.loads(text))
 big = open(big_stats).read()

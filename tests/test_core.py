@@ -100,21 +100,39 @@ def free_port() -> int:
 # keys
 # --------------------------------------------------------------------------------------
 
+def K(name: str) -> str:
+    """A key-shaped value (keys shorter than 8 characters are refused)."""
+    return f"AIza-test-{name}"
+
+
 @pytest.mark.parametrize("env, expected", [
-    pytest.param({"GEMINI_API_KEY_1": "k1", "GEMINI_API_KEY_3": "k3", "GEMINI_API_KEY_10": "k10",
-                  "GEMINI_API_KEY_2": ""}, ["k1", "k3", "k10"], id="numbered-numeric-order-gaps"),
-    pytest.param({"GEMINI_API_KEYS": " a, ,b,,c "}, ["a", "b", "c"], id="comma-list-blanks"),
-    pytest.param({"GOOGLE_API_KEY": "g"}, ["g"], id="google-alone"),
-    pytest.param({"GOOGLE_API_KEY": "g", "GEMINI_API_KEY": "s", "GEMINI_API_KEYS": "l1,l2",
-                  "GEMINI_API_KEY_2": "n2"}, ["n2", "l1", "l2", "s", "g"], id="merge-order"),
-    pytest.param({"GEMINI_API_KEY_1": "x", "GEMINI_API_KEYS": "y,x", "GEMINI_API_KEY": "y",
-                  "GOOGLE_API_KEY": "x"}, ["x", "y"], id="duplicates-first-place"),
+    pytest.param({"GEMINI_API_KEY_1": K("1"), "GEMINI_API_KEY_3": K("3"),
+                  "GEMINI_API_KEY_10": K("10"), "GEMINI_API_KEY_2": ""},
+                 [K("1"), K("3"), K("10")], id="numbered-numeric-order-gaps"),
+    pytest.param({"GEMINI_API_KEYS": f" {K('a')}, ,{K('b')},,{K('c')} "},
+                 [K("a"), K("b"), K("c")], id="comma-list-blanks"),
+    pytest.param({"GOOGLE_API_KEY": K("g")}, [K("g")], id="google-alone"),
+    pytest.param({"GOOGLE_API_KEY": K("g"), "GEMINI_API_KEY": K("s"),
+                  "GEMINI_API_KEYS": f"{K('l1')},{K('l2')}", "GEMINI_API_KEY_2": K("n2")},
+                 [K("n2"), K("l1"), K("l2"), K("s"), K("g")], id="merge-order"),
+    pytest.param({"GEMINI_API_KEY_1": K("x"), "GEMINI_API_KEYS": f"{K('y')},{K('x')}",
+                  "GEMINI_API_KEY": K("y"), "GOOGLE_API_KEY": K("x")},
+                 [K("x"), K("y")], id="duplicates-first-place"),
     pytest.param({"GEMINI_API_KEY_1": "   ", "GEMINI_API_KEY": ""}, [], id="all-blank"),
 ])
 def test_collect_keys_merges_every_form(env, expected):
     keys = gemini_router.collect_keys(env)
     assert [k.secret for k in keys] == expected
     assert [k.label for k in keys] == [f"key#{i}" for i in range(1, len(expected) + 1)]
+
+
+@pytest.mark.parametrize("value", ["abc", "short12"])
+def test_too_short_key_is_a_configuration_error(run_main, value):
+    r = run_main("stats", keys=[], env={"GEMINI_API_KEY": value})
+    assert r.code == 3
+    assert r.err.strip() == ("gemini-router: error: GEMINI_API_KEY holds a value too short to be"
+                             " an API key (fewer than 8 characters)")
+    assert value not in r.err
 
 
 def test_key_label_is_the_position_in_the_merged_list(run_main, fake):
