@@ -1668,7 +1668,8 @@ def format_table(headers: list[str], rows: list[list[Any]]) -> str:
 
 
 def _looks_numeric(text: str) -> bool:
-    return text == "-" or text.replace(".", "", 1).replace("%", "").replace(" s", "").isdigit()
+    return text == "-" or text.lstrip("-").replace(".", "", 1).replace("%", "") \
+        .replace(" s", "").isdigit()
 
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:
@@ -2056,25 +2057,43 @@ def cmd_unlock(args: argparse.Namespace, settings: Settings, out: Output) -> int
 def cmd_models(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     store = StateStore(settings)
     models = known_models(settings, store, refresh=args.refresh, out=out)
+    shown = [m for m in models if args.all or m.get("text")]
     with store.transaction(write=False) as tx:
         now = time.time()
         stats = all_stats(tx.stats)
         locked = tx.router.get("lock")
-        cooling = {e["model"] for e in tx.cooldowns["cooldowns"]
-                   if e["until"] > now and e.get("model") and e.get("key") is None}
-    shown = [m for m in models if args.all or m.get("text")]
+        # Which keys cannot call each model now, and until when (None = disabled key).
+        blocked = {m["name"]: {k.label: b[0] for k in settings.keys
+                               if (b := blocked_until(tx.cooldowns, tx.router, settings, k,
+                                                      m["name"], now))}
+                   for m in shown}
+        model_wide = {e["model"] for e in tx.cooldowns["cooldowns"]
+                      if e["until"] > now and e.get("model") and e.get("key") is None}
     data = {m["name"]: {"display_name": m.get("display_name"), "input_limit": m["input_limit"],
                         "output_limit": m["output_limit"], "text": m.get("text"),
                         "methods": m.get("methods"), "probed": m["name"] in stats,
-                        "cooling": m["name"] in cooling, "locked": m["name"] == locked}
+                        "cooling": m["name"] in model_wide or bool(settings.keys) and
+                        len(blocked[m["name"]]) == len(settings.keys),
+                        "cooling_keys": sorted(blocked[m["name"]]),
+                        "locked": m["name"] == locked}
             for m in shown}
+
+    def status(name: str, d: dict[str, Any]) -> str:
+        if d["locked"]:
+            return "locked"
+        ends = [u for u in blocked[name].values() if u is not None]
+        left = f", {_duration(min(ends) - now)}" if ends else ""
+        if d["cooling"]:
+            return f"cooling (every key{left})"
+        if d["cooling_keys"]:
+            return f"cooling on {', '.join(d['cooling_keys'])}{left}"
+        return "" if d["text"] else "not text"
 
     def human() -> str:
         table = format_table(
             ["MODEL", "IN LIMIT", "OUT LIMIT", "PROBED", "STATUS"],
             [[name, d["input_limit"], d["output_limit"], "yes" if d["probed"] else "no",
-              "locked" if d["locked"] else "cooling" if d["cooling"] else
-              ("" if d["text"] else "not text")] for name, d in data.items()])
+              status(name, d)] for name, d in data.items()])
         hidden = len(models) - len(shown)
         return table + (f"\n\n{hidden} non-text models hidden (--all shows them)"
                         if hidden else "")

@@ -1002,6 +1002,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--behaviour", "--behavior", action="append", default=[],
                     metavar="KEY:MODEL:BEHAVIOUR",
                     help="a rule; KEY or MODEL may be '*'. Repeatable.")
+    ap.add_argument("--model-latency", action="append", default=[], metavar="MODEL=SECONDS",
+                    help="latency of one model (overrides --latency for it). Repeatable.")
     args = ap.parse_args(argv)
 
     fake = FakeGemini(models=make_models(args.models) if args.models > 0 else None,
@@ -1014,6 +1016,12 @@ def main(argv: list[str] | None = None) -> int:
         if b not in BEHAVIOURS:
             ap.error(f"unknown behaviour {b!r}; known: {', '.join(sorted(BEHAVIOURS))}")
         fake.set_behaviour(b, key=None if k == "*" else k, model=None if m == "*" else m)
+    for spec in args.model_latency:
+        model, _, seconds = spec.partition("=")
+        try:
+            fake.set_latency(float(seconds), model=model)
+        except ValueError:
+            ap.error(f"--model-latency wants MODEL=SECONDS, got {spec!r}")
     fake.start()
     print(f"fake Gemini listening on {fake.url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
     try:

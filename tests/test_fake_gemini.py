@@ -438,7 +438,8 @@ def test_models_catalogue():
 def test_standalone_cli():
     p = subprocess.Popen(
         [sys.executable, os.path.join(os.path.dirname(__file__), "fake_gemini.py"),
-         "--port", "0", "--models", "3", "--behaviour", "bad:*:invalid_key"],
+         "--port", "0", "--models", "3", "--behaviour", "bad:*:invalid_key",
+         "--model-latency", "sim-model-001=0.3"],
         stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         line = p.stderr.readline()
@@ -448,6 +449,13 @@ def test_standalone_cli():
         assert [m["name"] for m in r.json()["models"]][-1] == "models/sim-model-002"
         r = requests.get(url + "/v1beta/models", headers={"x-goog-api-key": "bad"}, timeout=T)
         assert r.status_code == 400
+        body = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
+        for model, slow in (("sim-model-000", False), ("sim-model-001", True)):
+            began = time.monotonic()
+            r = requests.post(f"{url}/v1beta/models/{model}:generateContent", json=body,
+                              headers={"x-goog-api-key": "k"}, timeout=T)
+            assert r.status_code == 200
+            assert (time.monotonic() - began >= 0.3) is slow
     finally:
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=5)

@@ -147,6 +147,41 @@ def test_lock_held_too_long_is_exit_3(warmed, run_main, fake, args):
     assert run_main(*args).code == 0
 
 
+def test_readers_share_the_lock_and_writers_wait_for_them(warmed, run_main, fake):
+    """Read-only commands hold the state lock shared (flock LOCK_SH on state.lock): another
+    reader still gets in at once, a writer waits for the reader to finish."""
+    import fcntl
+    fd = os.open(warmed.state_dir / "state.lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        quick = {"GEMINI_ROUTER_LOCK_TIMEOUT": "0.5"}
+        for args in (("stats", "--json"), ("tiers", "--json"), ("cooldowns", "--json")):
+            r = run_main(*args, env=quick)
+            assert r.code == 0, r.err
+            json.loads(r.out)
+        r = run_main("unlock", env=quick)                     # a writer: must wait
+        assert r.code == 3 and "state.lock" in r.err
+        r = run_main("route", "hi", env=quick)
+        assert r.code == 3 and fake.count(action="generate") == 0
+    finally:
+        os.close(fd)
+    assert run_main("route", "hi").code == 0
+
+
+def test_readers_never_see_a_torn_file_during_writes(warmed, fake):
+    """stats --json, run over and over while 8 routes write, always prints whole JSON."""
+    writers = [spawn(warmed, "route", f"w{i}", env=BIG_WINDOW) for i in range(8)]
+    seen = []
+    while any(p.poll() is None for p in writers):
+        r = warmed("stats", "--json")
+        assert r.code == 0 and r.err == "", r.err
+        seen.append(json.loads(r.out)["gemini-2.5-flash"]["samples"])
+    for p in writers:
+        assert p.wait(timeout=120) == 0
+    assert seen and seen == sorted(seen)            # read during the writes; only growing
+    assert warmed("stats", "--json").json()["gemini-2.5-flash"]["samples"] == 2 + 8
+
+
 def test_lock_file_that_cannot_be_opened_is_exit_3_at_once(warmed, run_main, fake):
     lock_path = warmed.state_dir / "state.lock"
     lock_path.unlink()
