@@ -62,14 +62,14 @@ DEFAULT_PREFERENCE = ("gemini-2.5-flash", "gemini-2.0-flash", "gemini-2.5-flash-
 NON_TEXT_WORDS = ("embed", "image", "imagen", "tts", "audio", "live", "veo", "aqa", "lyria",
                   "computer-use")
 MIN_KEY_LENGTH = 8
+MAX_COOLDOWN_SECS = 7 * 86400  # no upstream retryDelay cools anything longer than a week
 TRANSIENT_STRIKES = 3          # consecutive transient failures that cool a model down
 MODEL_GONE_SECS = 3600.0       # a 404 model stays out of routing this long
 
 
 @dataclass(frozen=True)
 class Limit:
-    """A bounded numeric setting: how it is named to the user and what it may be."""
-    name: str
+    """A bounded numeric setting or flag: its default and the values it may take."""
     default: float
     low: float
     high: float
@@ -98,13 +98,13 @@ class Limit:
 
 
 LIMITS = {
-    "ROLLING_WINDOW": Limit("ROLLING_WINDOW", 20, 1, 1000, integer=True),
-    "COOLDOWN_SECS": Limit("COOLDOWN_SECS", 60, 1, 7 * 86400),
-    "GEMINI_ROUTER_TIMEOUT": Limit("GEMINI_ROUTER_TIMEOUT", 60, 0.1, 3600),
-    "GEMINI_ROUTER_LOCK_TIMEOUT": Limit("GEMINI_ROUTER_LOCK_TIMEOUT", 10, 0.1, 600),
-    "GEMINI_ROUTER_MODELS_TTL": Limit("GEMINI_ROUTER_MODELS_TTL", 86400, 0, 30 * 86400),
-    "GEMINI_ROUTER_RPM": Limit("GEMINI_ROUTER_RPM", 0, 0, 100000, integer=True),
-    "GEMINI_ROUTER_RPD": Limit("GEMINI_ROUTER_RPD", 0, 0, 10000000, integer=True),
+    "ROLLING_WINDOW": Limit(20, 1, 1000, integer=True),
+    "COOLDOWN_SECS": Limit(60, 1, MAX_COOLDOWN_SECS),
+    "GEMINI_ROUTER_TIMEOUT": Limit(60, 0.1, 3600),
+    "GEMINI_ROUTER_LOCK_TIMEOUT": Limit(10, 0.1, 600),
+    "GEMINI_ROUTER_MODELS_TTL": Limit(86400, 0, 30 * 86400),
+    "GEMINI_ROUTER_RPM": Limit(0, 0, 100000, integer=True),
+    "GEMINI_ROUTER_RPD": Limit(0, 0, 10000000, integer=True),
 }
 
 
@@ -143,7 +143,7 @@ def collect_keys(env: dict[str, str]) -> tuple[ApiKey, ...]:
     """Merge every key form in SPEC order, dropping blanks and duplicates (first place wins)."""
     numbered = sorted((int(name[len("GEMINI_API_KEY_"):]), name) for name in env
                       if name.startswith("GEMINI_API_KEY_")
-                      and name[len("GEMINI_API_KEY_"):].isdigit())
+                      and _is_decimal(name[len("GEMINI_API_KEY_"):]))
     sources: list[tuple[str, str]] = [(name, env[name]) for _, name in numbered]
     sources += [("GEMINI_API_KEYS", part) for part in env.get("GEMINI_API_KEYS", "").split(",")]
     sources += [(name, env.get(name, "")) for name in ("GEMINI_API_KEY", "GOOGLE_API_KEY")]
@@ -165,22 +165,25 @@ def collect_keys(env: dict[str, str]) -> tuple[ApiKey, ...]:
     return tuple(ApiKey(i + 1, secret) for i, secret in enumerate(secrets))
 
 
+ENDPOINT_FORM = r"(https?)://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::([0-9]{1,5}))?/?"
+
+
+def _is_decimal(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also accepts '²', which int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def validate_endpoint(raw: str, source: str) -> str:
-    """An endpoint is scheme://host[:port] and nothing else (the SDK appends the paths)."""
-    from urllib.parse import urlsplit
-    value = raw.strip().rstrip("/")
-    try:
-        parts = urlsplit(value)
-        port = parts.port
-    except ValueError:
-        raise ConfigError(f"{source} is not a valid URL: {value[:80]!r}") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{source} must look like https://host or http://127.0.0.1:PORT, "
-                          f"got {value[:80]!r}")
-    if parts.path or parts.query or parts.fragment or parts.username or port == 0:
-        raise ConfigError(f"{source} must be scheme://host[:port] without a path, "
-                          f"got {value[:80]!r}")
-    return value
+    """scheme://host[:port] and nothing else (the SDK appends the paths), normalised."""
+    import re          # already loaded by argparse; urllib.parse would cost a local command 2 ms
+    value = raw.strip()
+    match = re.fullmatch(ENDPOINT_FORM, value, re.IGNORECASE)
+    if not match or (match[3] is not None and not 0 < int(match[3]) < 65536):
+        raise ConfigError(f"{source} must be scheme://host[:port] (e.g. "
+                          f"https://generativelanguage.googleapis.com or "
+                          f"http://127.0.0.1:8765), got {value[:80]!r}")
+    scheme, host, port = match[1].lower(), match[2].lower(), match[3]
+    return f"{scheme}://{host}" + (f":{int(port)}" if port else "")
 
 
 def default_state_dir(env: dict[str, str]) -> str:
@@ -310,8 +313,10 @@ def _reject_constant(name: str) -> Any:
 
 
 def _is_num(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) \
-        and math.isfinite(value) and value >= 0
+    """A finite, non-negative number small enough to compute with."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return 0 <= value < 2 ** 53 and (isinstance(value, int) or math.isfinite(value))
 
 
 def _is_time(value: Any) -> bool:
@@ -326,14 +331,15 @@ def _opt_str(value: Any) -> bool:
 def _sample_ok(s: Any) -> bool:
     return (isinstance(s, dict) and _is_time(s.get("t")) and isinstance(s.get("ok"), bool)
             and isinstance(s.get("kind"), str) and _is_num(s.get("latency", 0))
-            and isinstance(s.get("prompt_tokens", 0), int)
-            and isinstance(s.get("output_tokens", 0), int))
+            and isinstance(s.get("prompt_tokens", 0), int) and _is_num(s.get("prompt_tokens", 0))
+            and isinstance(s.get("output_tokens", 0), int) and _is_num(s.get("output_tokens", 0)))
 
 
 def _model_entry_ok(m: Any) -> bool:
     return (isinstance(m, dict) and isinstance(m.get("name"), str)
             and isinstance(m.get("input_limit"), int) and isinstance(m.get("output_limit"), int)
-            and isinstance(m.get("methods"), list) and isinstance(m.get("text"), bool))
+            and isinstance(m.get("methods"), list)
+            and all(isinstance(x, str) for x in m["methods"]))
 
 
 def warn(message: str) -> None:
@@ -346,12 +352,15 @@ _QUIET = False
 
 
 class StateTransaction:
-    """The documents of one locked transaction, loaded lazily by name."""
+    """The documents of one locked transaction, loaded lazily by name.
 
-    def __init__(self, store: StateStore):
+    Built with `docs` instead, it is a view of in-memory documents (never committed): the
+    prober's local mirror of state goes through the same `record_outcome`."""
+
+    def __init__(self, store: StateStore | None, docs: dict[str, dict[str, Any]] | None = None):
         self._store = store
-        self._docs: dict[str, dict[str, Any]] = {}
-        self._original: dict[str, str | None] = {}
+        self._docs: dict[str, dict[str, Any]] = dict(docs or {})
+        self._original: dict[str, str | None] = {name: None for name in self._docs}
 
     def doc(self, name: str) -> dict[str, Any]:
         if name not in self._docs:
@@ -413,11 +422,18 @@ class StateStore:
         write=False is a read-only snapshot: it shares the lock with other readers and
         creates nothing when there is no state yet."""
         if not write:
-            with self._shared_hold() as held:
-                tx = StateTransaction(self) if held else _EmptyTransaction()
-                yield tx
+            with self._shared_hold():
+                yield StateTransaction(self)
             return
         self.check_dirs(create=True)
+        with self._exclusive_hold():
+            tx = StateTransaction(self)
+            yield tx
+            tx.commit()
+
+    @contextlib.contextmanager
+    def _exclusive_hold(self) -> Iterator[None]:
+        """The state lock, exclusively, through filelock (bounded wait)."""
         from filelock import FileLock, Timeout
         lock = FileLock(self.lock_path, timeout=self.settings.lock_timeout, mode=0o600)
         try:
@@ -428,47 +444,57 @@ class StateStore:
             raise ConfigError(f"cannot lock state in {self.settings.state_dir}: "
                               f"{exc.strerror or exc}") from None
         try:
-            tx = StateTransaction(self)
-            yield tx
-            tx.commit()
+            yield
         finally:
             lock.release()
 
     @contextlib.contextmanager
-    def _shared_hold(self) -> Iterator[bool]:
-        """A shared hold of the state lock for readers; yields False when there is no state.
+    def _shared_hold(self) -> Iterator[None]:
+        """The state lock, shared, for readers.
 
         filelock's Unix lock is flock(LOCK_EX) on the lock file, so a reader taking
         flock(LOCK_SH) on the same file never overlaps a write, and readers never queue
         behind each other. Readers do it directly because importing filelock costs more than
-        a whole local command; where fcntl is missing they use filelock like writers."""
+        a whole local command; without flock they take the exclusive lock like writers."""
+        if not self.check_dirs(create=False) and not os.path.isdir(self.settings.state_dir):
+            # No state directory, so no lock file and no writer yet (a writer creates the
+            # directory before it writes); the files, if overridden elsewhere, are whole.
+            yield
+            return
+        fd = self._shared_flock()
+        if fd is None:
+            with self._exclusive_hold():
+                yield
+            return
+        try:
+            yield
+        finally:
+            os.close(fd)          # closing the descriptor releases the flock
+
+    def _shared_flock(self) -> int | None:
+        """A descriptor holding flock(LOCK_SH) on the lock file; None where flock is missing."""
         try:
             import fcntl
         except ImportError:
-            with self.transaction() as tx:
-                yield bool(tx)
-            return
-        if not self.check_dirs(create=False):
-            yield False
-            return
+            return None
         try:
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             raise ConfigError(f"cannot lock state in {self.settings.state_dir}: "
                               f"{exc.strerror or exc}") from None
-        try:
-            deadline = time.monotonic() + self.settings.lock_timeout
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise self._lock_timeout() from None
-                    time.sleep(0.01)
-            yield True
-        finally:
-            os.close(fd)          # closing the descriptor releases the flock
+        deadline = time.monotonic() + self.settings.lock_timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise self._lock_timeout() from None
+                time.sleep(0.01)
+            except OSError:             # a filesystem without flock (some NFS, FUSE)
+                os.close(fd)
+                return None
 
     def _lock_timeout(self) -> ConfigError:
         return ConfigError(f"state lock {self.lock_path} held by another process for more "
@@ -542,14 +568,6 @@ class StateStore:
             raise ConfigError(f"cannot write state file {path}: {exc.strerror or exc}") from None
 
 
-class _EmptyTransaction(StateTransaction):
-    """What a reader sees when there is no state directory yet: empty documents."""
-
-    def __init__(self) -> None:
-        self._docs = {name: empty_doc(name) for name in STATE_FILE_NAMES}
-        self._original = {}
-
-
 # ======================================================================================
 # Keys, the client, and the classification of upstream outcomes
 # ======================================================================================
@@ -609,12 +627,12 @@ BLOCKING_FINISH = {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "S
 
 
 def _parse_duration(value: Any) -> float | None:
-    """'26s' / '1.5s' (protobuf Duration JSON) -> seconds."""
+    """'26s' / '1.5s' (protobuf Duration JSON) -> seconds, at most MAX_COOLDOWN_SECS."""
     if isinstance(value, str) and value.endswith("s"):
         with contextlib.suppress(ValueError):
             seconds = float(value[:-1])
             if seconds >= 0 and math.isfinite(seconds):
-                return seconds
+                return min(seconds, MAX_COOLDOWN_SECS)
     return None
 
 
@@ -658,13 +676,15 @@ def _classify_error(exc: BaseException, timeout: float) -> Outcome:
         if code >= 500 or code == 408:
             return Outcome("transient", f"HTTP {code}: {message}")
         return Outcome("bad_request", f"HTTP {code}: {message}")
-    if isinstance(exc, requests.exceptions.Timeout):
-        return Outcome("transient", f"no answer within {_num(timeout)} s (timeout)")
+    # ConnectTimeout is both a ConnectionError and a Timeout: connection first, so an
+    # endpoint that never accepts is "unreachable", not a slow model.
     if isinstance(exc, requests.exceptions.ConnectionError):
         reason = _connect_failure(exc)
         if reason is not None:
             return Outcome("unreachable", reason)
         return Outcome("transient", f"connection broken: {_one_line(exc)}")
+    if isinstance(exc, requests.exceptions.Timeout):
+        return Outcome("transient", f"no answer within {_num(timeout)} s (timeout)")
     # Anything else (an empty or malformed 200 body the SDK cannot parse, a broken stream) is
     # the server's fault, not the request's.
     return Outcome("transient", f"malformed response ({type(exc).__name__}: {_one_line(exc)})")
@@ -776,7 +796,11 @@ class GeminiClient:
             self._clients[service, key.index] = client
         return self._clients[service, key.index]
 
-    def build_request(self, model: str, prompt: PromptRequest) -> Any:
+    def build_request(self, prompt: PromptRequest) -> Any:
+        """The request for `prompt`, without a model (`generate` adds it per attempt).
+
+        Built once per prompt, before any call: a value the SDK refuses is the user's
+        mistake (a UsageError), not an upstream failure to route around."""
         glm = self.glm
         parts: list[Any] = [glm.Part(inline_data=glm.Blob(mime_type=mime, data=data))
                             for mime, data in prompt.attachments]
@@ -785,24 +809,32 @@ class GeminiClient:
         if prompt.schema is not None:
             config["response_mime_type"] = "application/json"
             config["response_schema"] = prompt.schema
-        request = glm.GenerateContentRequest(
-            model=f"models/{model}", contents=[glm.Content(role="user", parts=parts)],
-            generation_config=glm.GenerationConfig(**config) if config else None)
+        try:
+            request = glm.GenerateContentRequest(
+                contents=[glm.Content(role="user", parts=parts)],
+                generation_config=glm.GenerationConfig(**config) if config else None)
+        except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+            raise UsageError(f"the request cannot be built: {_one_line(exc, 200)}") from None
         if prompt.system:
             request.system_instruction = glm.Content(parts=[glm.Part(text=prompt.system)])
         return request
 
-    def generate(self, key: ApiKey, model: str, prompt: PromptRequest,
+    def generate(self, key: ApiKey, model: str, request: Any,
                  on_text: Callable[[str], None] | None = None) -> Outcome:
-        """One upstream call, classified. With on_text the answer is streamed into it."""
+        """One upstream call of `request` (from build_request) on `model`, classified.
+
+        With on_text the answer is streamed into it; an error raised by on_text (our own
+        output failing) propagates instead of being blamed on the upstream."""
         generative = self._client("GenerativeService", key)
+        request = type(request)(request, model=f"models/{model}")     # a copy per attempt
         try:
-            request = self.build_request(model, prompt)
             if on_text is None:
                 response = generative.generate_content(request, timeout=self.settings.timeout,
                                                        retry=None)
                 return outcome_from_response(response)
             return self._stream(generative, request, on_text)
+        except _OutputFailed as exc:
+            raise exc.error from None
         except Exception as exc:     # noqa: BLE001 - every failure is classified, none escapes
             return outcome_from_error(exc, self.settings)
 
@@ -814,11 +846,14 @@ class GeminiClient:
                     request, timeout=self.settings.timeout, retry=None):
                 piece = "".join(p.text for c in chunk.candidates[:1] for p in c.content.parts)
                 if piece:
-                    on_text(piece)
+                    try:
+                        on_text(piece)
+                    except Exception as exc:  # noqa: BLE001 - not the upstream's fault
+                        raise _OutputFailed(exc) from None
                     printed = True
                 merged = _merge_chunk(self.glm, merged, chunk)
         except Exception as exc:     # noqa: BLE001
-            if not printed:
+            if not printed or isinstance(exc, _OutputFailed):
                 raise
             outcome = outcome_from_error(exc, self.settings)
             outcome.kind = "transient"   # text already went out: the call as a whole failed
@@ -846,6 +881,14 @@ class GeminiClient:
             return outcome
 
 
+class _OutputFailed(Exception):
+    """Carries an error from the caller's on_text callback past the classification."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
 def _merge_chunk(glm: Any, merged: Any, chunk: Any) -> Any:
     """Fold one streamed chunk into a response that looks like a non-streamed one."""
     if chunk.candidates:
@@ -871,8 +914,12 @@ def model_entry(model: Any) -> dict[str, Any]:
     methods = list(model.supported_generation_methods)
     return {"name": name, "display_name": model.display_name,
             "input_limit": int(model.input_token_limit),
-            "output_limit": int(model.output_token_limit), "methods": methods,
-            "text": is_text_model(name, methods)}
+            "output_limit": int(model.output_token_limit), "methods": methods}
+
+
+def text_model_names(models: list[dict[str, Any]]) -> list[str]:
+    """The names of the models `route` and `rank` use, in list order."""
+    return [m["name"] for m in models if is_text_model(m["name"], m["methods"])]
 
 
 def is_text_model(name: str, methods: list[str]) -> bool:
@@ -887,13 +934,11 @@ def is_text_model(name: str, methods: list[str]) -> bool:
 
 def next_pacific_midnight(now: float) -> float:
     """When Gemini's daily quotas reset: the next midnight in America/Los_Angeles."""
-    from datetime import datetime, timedelta, timezone
-    tz = _pacific()
-    local = datetime.fromtimestamp(now, tz)
+    from datetime import datetime, timedelta
+    local = datetime.fromtimestamp(now, _pacific())
+    # Wall-clock arithmetic; .timestamp() then applies that midnight's own UTC offset.
     midnight = (local + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
-    if isinstance(tz, timezone):
-        return midnight.timestamp()
-    return midnight.replace(tzinfo=tz).timestamp()
+    return midnight.timestamp()
 
 
 def pacific_day(now: float) -> str:
@@ -928,8 +973,8 @@ def prune_cooldowns(cooldowns: dict[str, Any], now: float) -> None:
     cooldowns["cooldowns"] = [e for e in cooldowns["cooldowns"] if e["until"] > now]
 
 
-def blocked_until(cooldowns: dict[str, Any], router: dict[str, Any], settings: Settings,
-                  key: ApiKey, model: str | None, now: float) -> tuple[float | None, str] | None:
+def why_blocked(cooldowns: dict[str, Any], router: dict[str, Any], settings: Settings,
+                key: ApiKey, model: str | None, now: float) -> tuple[float | None, str] | None:
     """Why (key, model) cannot be called now: (until, reason); until None = disabled key.
 
     None means it is free. Looks at disabled keys, cooldowns on the pair, the key or the
@@ -971,7 +1016,9 @@ def count_request(router: dict[str, Any], settings: Settings, key: ApiKey, model
     if not (settings.rpm_limit or settings.rpd_limit):
         return
     usage = router["usage"].setdefault(f"{key.fingerprint}/{model}", {})
-    usage["minute"] = [t for t in usage.get("minute", []) if t > now - 60][-1000:] + [now]
+    # The last rpm_limit calls are all the per-minute check needs.
+    recent = [t for t in usage.get("minute", []) if t > now - 60] + [now]
+    usage["minute"] = recent[-settings.rpm_limit:] if settings.rpm_limit else []
     today = pacific_day(now)
     if usage.get("day") != today:
         usage.update(day=today, count=0)
@@ -1134,7 +1181,8 @@ def compute_tiers(stats: dict[str, ModelStats], models: dict[str, dict[str, Any]
     successful answers (no success -> last). Quality: output token limit, input limit as
     tie-breaker. Balance: 0.5*success + 0.3*speed + 0.2*capability, each in 0..1 (README);
     `scoring="seed"` uses the original (1-success)*1000 + latency - max_tokens*0.1."""
-    names = sorted({m for m, info in models.items() if info.get("text")} | set(stats))
+    names = sorted({m for m, info in models.items() if is_text_model(m, info["methods"])}
+                   | set(stats))
     ranked = [m for m in names if m in stats and stats[m].judged]
     limits = {m: (int(models.get(m, {}).get("output_limit") or 0),
                   int(models.get(m, {}).get("input_limit") or 0)) for m in names}
@@ -1234,12 +1282,15 @@ def probe_models(settings: Settings, store: StateStore, models: list[str], round
         tx.router["next_key"] = (start + len(models)) % len(keys)
     # Probes go to keys that are usable at all (not disabled, not cooling for every model).
     healthy = [k for k in keys
-               if blocked_until(cooldowns, router, settings, k, None, time.time()) is None]
+               if why_blocked(cooldowns, router, settings, k, None, time.time()) is None]
     results: list[ProbeResult] = []
     pending: list[ProbeResult] = []
     skipped: set[str] = set()
-    prompt = PromptRequest(PROBE_PROMPT, options={"max_output_tokens": 16})
+    request = client.build_request(PromptRequest(PROBE_PROMPT,
+                                                 options={"max_output_tokens": 16}))
     bar = _progress_bar(len(models) * rounds, progress)
+    mirror = StateTransaction(None, {"cooldowns": cooldowns, "router": router,
+                                     "stats": empty_doc("stats")})
     mirror_lock = threading.Lock()     # guards the local mirror and the result lists
 
     def probe(model: str, offset: int) -> None:
@@ -1248,19 +1299,19 @@ def probe_models(settings: Settings, store: StateStore, models: list[str], round
         for step in range(len(healthy)):
             key = healthy[(start + offset + step) % len(healthy)]
             with mirror_lock:
-                if blocked_until(cooldowns, router, settings, key, model, time.time()):
+                if why_blocked(cooldowns, router, settings, key, model, time.time()):
                     continue
                 count_request(router, settings, key, model, time.time())
             began = time.perf_counter()
-            outcome = client.generate(key, model, prompt)
+            outcome = client.generate(key, model, request)
             result = ProbeResult(model, key, outcome, time.perf_counter() - began, time.time())
             with mirror_lock:
                 pending.append(result)
                 results.append(result)
                 if outcome.kind in ("rate_limited", "daily_quota", "key_invalid"):
                     # Mirror the state change locally so later probes skip this pair/key.
-                    record_outcome(_MemoryTransaction(cooldowns, router), settings, key,
-                                   model, outcome, result.latency, result.t)
+                    record_outcome(mirror, settings, key, model, outcome, result.latency,
+                                   result.t)
             if outcome.kind in ("rate_limited", "daily_quota", "key_invalid"):
                 continue
             return
@@ -1299,26 +1350,13 @@ def probe_models(settings: Settings, store: StateStore, models: list[str], round
         flush()
         if bar is not None:
             bar.close()
-        # Probes still in flight may hang until the timeout; the samples taken are saved,
-        # so leave without waiting for the worker threads.
-        print(f"{PROG}: interrupted; kept {len(results)} samples", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)
+        raise Interrupted(f"interrupted; kept the {len(results)} samples taken") from None
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
     if bar is not None:
         bar.close()
     return ProbeRun(results, sorted(skipped - {r.model for r in results}),
                     time.perf_counter() - began)
-
-
-class _MemoryTransaction(StateTransaction):
-    """record_outcome's view of in-memory copies (the prober's local mirror of state)."""
-
-    def __init__(self, cooldowns: dict[str, Any], router: dict[str, Any]):
-        self._docs = {"cooldowns": cooldowns, "router": router, "stats": empty_doc("stats")}
-        self._original = {}
 
 
 def _progress_bar(total: int, enabled: bool) -> Any:
@@ -1371,48 +1409,46 @@ def fetch_model_list(settings: Settings, store: StateStore, client: GeminiClient
     keys = settings.require_keys()
     client = client or GeminiClient(settings)
     with store.transaction(write=False) as tx:
-        start = tx.router["next_key"]
-        disabled = set(tx.cooldowns["disabled_keys"])
+        start, now = tx.router["next_key"], time.time()
+        usable = [k for k in (keys[(start + i) % len(keys)] for i in range(len(keys)))
+                  if why_blocked(tx.cooldowns, tx.router, settings, k, None, now) is None]
     failures: list[tuple[ApiKey, Outcome]] = []
-    for step in range(len(keys)):
-        key = keys[(start + step) % len(keys)]
-        if key.fingerprint in disabled:
-            continue
+    listed: list[dict[str, Any]] | None = None
+    for key in usable:
         began = time.perf_counter()
-        listed = client.list_models(key)
-        if isinstance(listed, Outcome):
-            failures.append((key, listed))
+        result = client.list_models(key)
+        if not isinstance(result, Outcome):
+            listed = result
             if out:
-                out.info(f"listing models with {key.label}: {listed.kind}: {listed.detail}")
-            if listed.kind == "unreachable":
-                break
-            continue
-        with store.transaction() as tx:
-            now = time.time()
-            for fkey, failure in failures:
-                notice = record_outcome(tx, settings, fkey, None, failure, 0.0, now)
-                if notice:
-                    warn(notice)
-            tx.router["model_list"] = {"endpoint": settings.endpoint, "fetched_at": now,
-                                       "models": listed}
+                out.info(f"listed {len(listed)} models with {key.label} "
+                         f"in {time.perf_counter() - began:.2f} s")
+            break
+        failures.append((key, result))
         if out:
-            out.info(f"listed {len(listed)} models with {key.label} "
-                     f"in {time.perf_counter() - began:.2f} s")
-        return listed
+            out.info(f"listing models with {key.label}: {result.kind}: {result.detail}")
+        if result.kind == "unreachable":
+            break
     with store.transaction() as tx:
-        for fkey, failure in failures:
-            notice = record_outcome(tx, settings, fkey, None, failure, 0.0, time.time())
+        now = time.time()
+        for notice in [record_outcome(tx, settings, k, None, o, 0.0, now) for k, o in failures]:
             if notice:
                 warn(notice)
+        if listed is not None:
+            tx.router["model_list"] = {"endpoint": settings.endpoint, "fetched_at": now,
+                                       "models": listed}
+    if listed is not None:
+        return listed
     if failures and failures[-1][1].kind == "unreachable":
         raise NothingAvailable(f"cannot reach {settings.endpoint}: {failures[-1][1].detail}")
     if not failures:
-        raise NothingAvailable("every key is disabled; see 'gemini-router cooldowns'")
+        raise NothingAvailable(f"no usable key: every key is disabled or cooling; see "
+                               f"'{PROG} cooldowns'")
     summary = "; ".join(f"{k.label}: {o.detail}" for k, o in failures)
     raise NothingAvailable(f"could not list models: {summary}")
 
 
 def known_models(settings: Settings, store: StateStore, refresh: bool = False,
+                 client: GeminiClient | None = None,
                  out: Output | None = None) -> list[dict[str, Any]]:
     """The cached model list, or a fresh one when there is none (or on refresh)."""
     if not refresh:
@@ -1420,13 +1456,13 @@ def known_models(settings: Settings, store: StateStore, refresh: bool = False,
             cached = cached_model_list(tx.router, settings, time.time())
         if cached is not None:
             return cached
-    return fetch_model_list(settings, store, out=out)
+    return fetch_model_list(settings, store, client=client, out=out)
 
 
 def resolve_model(name: str, models: list[dict[str, Any]]) -> str:
     """A user-given model name, validated against the list (with or without 'models/')."""
     wanted = bare_model(name.strip())
-    names = {m["name"] for m in models if m.get("text")}
+    names = set(text_model_names(models))
     if wanted in names:
         return wanted
     if any(m["name"] == wanted for m in models):
@@ -1445,15 +1481,16 @@ class RoutePlan:
     why: str
 
 
-def plan_route(tx: StateTransaction, settings: Settings, models: list[dict[str, Any]],
-               model: str | None, tier: str | None, scoring: str = "balanced") -> RoutePlan:
+def plan_route(tx: StateTransaction, models: list[dict[str, Any]], model: str | None,
+               tier: str | None) -> RoutePlan:
+    """The candidate models, in order: -m, else the lock, else the tier order."""
     if model:
         return RoutePlan([resolve_model(model, models)], "-m given")
     locked = tx.router.get("lock")
     if locked:
         return RoutePlan([locked], f"locked to {locked} ('{PROG} unlock' to release)")
-    text_models = [m["name"] for m in models if m.get("text")]
-    rows = compute_tiers(all_stats(tx.stats), {m["name"]: m for m in models}, scoring)
+    text_models = text_model_names(models)
+    rows = compute_tiers(all_stats(tx.stats), {m["name"]: m for m in models})
     tier = tier or "balance"
     order = tier_order(rows, tier, text_models)
     ranked = sum(1 for m in order if rows.get(m) and rows[m].ranked)
@@ -1489,7 +1526,7 @@ class RouteSession:
             for key in self.rotated_keys():
                 # Blocked before tried: a pair cooled by this very route must still count
                 # toward the earliest recovery (and --wait).
-                blocked = blocked_until(cooldowns, router, self.settings, key, model, now)
+                blocked = why_blocked(cooldowns, router, self.settings, key, model, now)
                 if blocked is not None:
                     self.skipped[f"{key.label} on {model}"] = blocked
                     continue
@@ -1523,8 +1560,9 @@ def route_prompt(settings: Settings, store: StateStore, prompt: PromptRequest, *
     Each attempt is one transaction that records the previous outcome (`record_outcome`)
     and reserves the next (model, key); the call itself happens outside the lock."""
     settings.require_keys()
-    models = known_models(settings, store, out=out)
     client = GeminiClient(settings)
+    request = client.build_request(prompt)
+    models = known_models(settings, store, client=client, out=out)
     attempts: list[Attempt] = []
     last: tuple[str, ApiKey, Outcome, float] | None = None
     session: RouteSession | None = None
@@ -1539,7 +1577,7 @@ def route_prompt(settings: Settings, store: StateStore, prompt: PromptRequest, *
             if last is not None and ends_route(last[2]):
                 break
             if session is None:
-                plan = plan_route(tx, settings, models, model, tier)
+                plan = plan_route(tx, models, model, tier)
                 session = RouteSession(settings, plan, tx.router["next_key"])
                 if out:
                     out.info(f"route: {plan.why}: {', '.join(plan.models[:8])}"
@@ -1551,7 +1589,7 @@ def route_prompt(settings: Settings, store: StateStore, prompt: PromptRequest, *
         if out:
             out.info(f"trying {chosen_model} with {key.label}")
         began = time.perf_counter()
-        outcome = client.generate(key, chosen_model, prompt, on_text)
+        outcome = client.generate(key, chosen_model, request, on_text)
         latency = time.perf_counter() - began
         attempts.append(Attempt(chosen_model, key.label, outcome.kind, round(latency, 4),
                                 outcome.detail))
@@ -1712,10 +1750,15 @@ SCHEMA_KEYS = {"type", "format", "description", "nullable", "enum", "items", "pr
 SCHEMA_IGNORED = {"$schema", "$id", "title", "additionalProperties", "default", "examples"}
 
 
-def schema_to_proto(node: Any, where: str = "schema") -> dict[str, Any]:
+SCHEMA_MAX_DEPTH = 32
+
+
+def schema_to_proto(node: Any, where: str = "schema", depth: int = 0) -> dict[str, Any]:
     """A JSON Schema subset -> the Schema proto's dict form (type names upper-case)."""
     if not isinstance(node, dict):
         raise UsageError(f"{where} must be a JSON object")
+    if depth > SCHEMA_MAX_DEPTH:
+        raise UsageError(f"schema nests deeper than {SCHEMA_MAX_DEPTH} levels")
     unknown = set(node) - SCHEMA_KEYS - SCHEMA_IGNORED
     if unknown:
         raise UsageError(f"{where}: unsupported schema keyword(s) {', '.join(sorted(unknown))}; "
@@ -1737,11 +1780,11 @@ def schema_to_proto(node: Any, where: str = "schema") -> dict[str, Any]:
         if name in node:
             out[proto_name] = node[name]
     if "items" in node:
-        out["items"] = schema_to_proto(node["items"], f"{where}.items")
+        out["items"] = schema_to_proto(node["items"], f"{where}.items", depth + 1)
     if "properties" in node:
         if not isinstance(node["properties"], dict):
             raise UsageError(f"{where}.properties must be an object")
-        out["properties"] = {k: schema_to_proto(v, f"{where}.properties.{k}")
+        out["properties"] = {k: schema_to_proto(v, f"{where}.properties.{k}", depth + 1)
                              for k, v in node["properties"].items()}
     return out
 
@@ -1787,6 +1830,8 @@ def build_prompt(args: argparse.Namespace) -> PromptRequest:
                 from None
         except ValueError as exc:
             raise UsageError(f"schema {args.schema} is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise UsageError(f"schema {args.schema} nests too deeply") from None
     return PromptRequest(text="\n\n".join(pieces), system=args.system, options=options,
                          attachments=attachments, schema=schema)
 
@@ -1823,7 +1868,7 @@ def cmd_route(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     prompt = build_prompt(args)
     store = StateStore(settings)
     if args.dry_run:
-        return dry_run(args, settings, store, prompt, out)
+        return dry_run(args, settings, store, out)
     streamed: list[str] = []
 
     def on_text(piece: str) -> None:
@@ -1864,7 +1909,7 @@ def cmd_route(args: argparse.Namespace, settings: Settings, out: Output) -> int:
 
 
 def dry_run(args: argparse.Namespace, settings: Settings, store: StateStore,
-            prompt: PromptRequest, out: Output) -> int:
+            out: Output) -> int:
     """Explain the choice a route would make, without calling the API."""
     settings.require_keys()
     with store.transaction(write=False) as tx:
@@ -1876,7 +1921,7 @@ def dry_run(args: argparse.Namespace, settings: Settings, store: StateStore,
             out.emit(data, lambda: f"would use: unknown (no cached model list; "
                                    f"'{PROG} models' fetches it)")
             return 0
-        plan = plan_route(tx, settings, models, args.model, args.tier)
+        plan = plan_route(tx, models, args.model, args.tier)
         session = RouteSession(settings, plan, tx.router["next_key"])
         choice = session.next_choice(tx, now, reserve=False)
     skipped = [{"target": what, "until": until, "reason": why}
@@ -1902,7 +1947,7 @@ def cmd_rank(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     import fnmatch
     store = StateStore(settings)
     models = known_models(settings, store, refresh=args.refresh, out=out)
-    names = [m["name"] for m in models if m.get("text")]
+    names = text_model_names(models)
     if args.models:
         patterns = [p.strip() for p in args.models.split(",") if p.strip()]
         names = [n for n in names if any(fnmatch.fnmatch(n, bare_model(p)) or bare_model(p) in n
@@ -1911,6 +1956,13 @@ def cmd_rank(args: argparse.Namespace, settings: Settings, out: Output) -> int:
             raise UsageError(f"no text model matches {args.models!r}")
     progress = sys.stderr.isatty() and not out.quiet and not os.environ.get("NO_COLOR")
     run = probe_models(settings, store, names, args.rounds, args.concurrency, progress)
+    reached = [r for r in run.results if r.outcome.kind != "unreachable"]
+    if not reached:
+        if run.results:
+            raise NothingAvailable(f"cannot reach {settings.endpoint}: "
+                                   f"{run.results[-1].outcome.detail}")
+        raise NothingAvailable("nothing could be probed: every key is disabled or cooling "
+                               f"for every model; see '{PROG} cooldowns'")
     ok = sum(1 for r in run.results if r.outcome.kind == "ok")
     out.note(f"probed {len(names)} models x {args.rounds} round(s): {ok}/{len(run.results)} ok "
              f"in {run.seconds:.2f} s"
@@ -2008,7 +2060,7 @@ def clear_cooldowns(target: str, settings: Settings, store: StateStore, out: Out
     fingerprint = None
     if target.startswith("key#"):
         index = target[4:]
-        if not index.isdigit() or not 1 <= int(index) <= len(settings.keys):
+        if not _is_decimal(index) or not 1 <= int(index) <= len(settings.keys):
             raise UsageError(f"{target}: no such key (configured: {len(settings.keys)})")
         fingerprint = settings.keys[int(index) - 1].fingerprint
     model = bare_model(target) if target and fingerprint is None else None
@@ -2034,11 +2086,7 @@ def clear_cooldowns(target: str, settings: Settings, store: StateStore, out: Out
 
 def cmd_lock(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     store = StateStore(settings)
-    with store.transaction(write=False) as tx:
-        models = cached_model_list(tx.router, settings, time.time())
-    if models is None:
-        models = fetch_model_list(settings, store, out=out)
-    name = resolve_model(args.model, models)
+    name = resolve_model(args.model, known_models(settings, store, out=out))
     with store.transaction() as tx:
         tx.router["lock"] = name
     out.emit({"lock": name}, lambda: f"locked to {name}; '{PROG} unlock' releases it")
@@ -2057,20 +2105,21 @@ def cmd_unlock(args: argparse.Namespace, settings: Settings, out: Output) -> int
 def cmd_models(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     store = StateStore(settings)
     models = known_models(settings, store, refresh=args.refresh, out=out)
-    shown = [m for m in models if args.all or m.get("text")]
+    text = set(text_model_names(models))
+    shown = [m for m in models if args.all or m["name"] in text]
     with store.transaction(write=False) as tx:
         now = time.time()
         stats = all_stats(tx.stats)
         locked = tx.router.get("lock")
         # Which keys cannot call each model now, and until when (None = disabled key).
         blocked = {m["name"]: {k.label: b[0] for k in settings.keys
-                               if (b := blocked_until(tx.cooldowns, tx.router, settings, k,
+                               if (b := why_blocked(tx.cooldowns, tx.router, settings, k,
                                                       m["name"], now))}
                    for m in shown}
         model_wide = {e["model"] for e in tx.cooldowns["cooldowns"]
                       if e["until"] > now and e.get("model") and e.get("key") is None}
     data = {m["name"]: {"display_name": m.get("display_name"), "input_limit": m["input_limit"],
-                        "output_limit": m["output_limit"], "text": m.get("text"),
+                        "output_limit": m["output_limit"], "text": m["name"] in text,
                         "methods": m.get("methods"), "probed": m["name"] in stats,
                         "cooling": m["name"] in model_wide or bool(settings.keys) and
                         len(blocked[m["name"]]) == len(settings.keys),
@@ -2191,8 +2240,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--stream", action="store_true", help="print the answer as it arrives")
     p.add_argument("--dry-run", action="store_true",
                    help="explain which model and key would be used; call nothing")
-    p.add_argument("--wait", nargs="?", type=flag_type(Limit("wait", 0, 0, 7 * 86400)),
-                   const=7 * 86400.0, default=None,
+    p.add_argument("--wait", nargs="?", type=flag_type(Limit(0, 0, MAX_COOLDOWN_SECS)),
+                   const=float(MAX_COOLDOWN_SECS), default=None,
                    metavar="MAX_SECONDS",
                    help="when nothing is available, wait for the earliest recovery "
                         "(at most MAX_SECONDS) and try again")
@@ -2201,10 +2250,10 @@ def build_parser() -> ArgumentParser:
                 cmd_rank)
     p.add_argument("--models", metavar="PATTERN", help="only models matching (glob or "
                    "substring, comma-separated)")
-    p.add_argument("--rounds", type=flag_type(Limit("rounds", 1, 1, 1000, True)),
+    p.add_argument("--rounds", type=flag_type(Limit(1, 1, 1000, True)),
                    default=1, help="probes per model")
     p.add_argument("--concurrency", default=32,
-                   type=flag_type(Limit("concurrency", 32, 1, 1000, True)),
+                   type=flag_type(Limit(32, 1, 1000, True)),
                    help="probes in flight at once (default 32)")
     p.add_argument("--refresh", action="store_true", help="relist models first")
     p.add_argument("--scoring", choices=("balanced", "seed"), default="balanced",
@@ -2237,7 +2286,9 @@ def main(argv: list[str] | None = None) -> int:
         out = Output(json_mode=args.json, quiet=args.quiet, verbose=args.verbose)
         _QUIET = args.quiet
         settings = load_settings(dict(os.environ), args)
-        return args.handler(args, settings, out)
+        code = args.handler(args, settings, out)
+        sys.stdout.flush()        # a failed write shows here, not as noise at exit
+        return code
     except RouterError as exc:
         keys = collect_keys_quietly()
         print(f"{PROG}: error: {redact(str(exc), keys)}", file=sys.stderr)
@@ -2247,11 +2298,22 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         # The reader went away (e.g. `| head`): not an error worth a message.
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _silence_stdout()
         return 0
+    except OSError as exc:
+        # Everything else reaching here is our own output failing (a full disk, say): the
+        # state store and the client turn their OSErrors into RouterErrors.
+        _silence_stdout()
+        print(f"{PROG}: error: cannot write output: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     except SystemExit as exc:          # --help / --version
         return int(exc.code or 0)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's last flush cannot fail again."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def collect_keys_quietly() -> tuple[ApiKey, ...]:
@@ -2263,7 +2325,15 @@ def collect_keys_quietly() -> tuple[ApiKey, ...]:
 
 def main_exit() -> None:
     """The console-script entry point."""
-    sys.exit(main())
+    code = main()
+    if code == 130:
+        # rank's probes still in flight may hang until their timeout; what they measured is
+        # saved, so leave now instead of joining their worker threads.
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -351,8 +351,7 @@ def router_entry(model: dict) -> dict:
     methods = list(model["supportedGenerationMethods"])
     return {"name": name, "display_name": model["displayName"],
             "input_limit": int(model["inputTokenLimit"]),
-            "output_limit": int(model["outputTokenLimit"]), "methods": methods,
-            "text": gr.is_text_model(name, methods)}
+            "output_limit": int(model["outputTokenLimit"]), "methods": methods}
 
 
 def write_big_state(state_dir: Path, n_models: int, endpoint: str) -> None:
@@ -525,15 +524,16 @@ prompt = gr.PromptRequest("hi")
 key = settings.keys[0]
 model = gr.DEFAULT_PREFERENCE[0]
 t = P(); client._client("GenerativeService", key); rec("GeminiClient._client (generative, warm imports)", P() - t)
-t = P(); out = client.generate(key, model, prompt); rec("1st generate (new connection, lazy imports)", P() - t)
+request = client.build_request(prompt)
+t = P(); out = client.generate(key, model, request); rec("1st generate (new connection, lazy imports)", P() - t)
 assert out.kind == "ok", out
-warm("generate, warm (keep-alive)", lambda: client.generate(key, model, prompt))
+warm("generate, warm (keep-alive)", lambda: client.generate(key, model, request))
 t = P(); listed = client.list_models(key); rec("1st list_models (new connection; 1 page, 14 models)", P() - t)
 assert isinstance(listed, list) and len(listed) == 14, listed
 warm("list_models, warm (keep-alive)", lambda: client.list_models(key), n=max(3, reps // 2))
 with store.transaction(write=False) as tx:
     models = gr.cached_model_list(tx.router, settings, time.time())
-    warm("plan_route (typical state)", lambda: gr.plan_route(tx, settings, models, None, None))
+    warm("plan_route (typical state)", lambda: gr.plan_route(tx, models, None, None))
 
 # A whole warm route in-process, counting what it does to the state store.
 counts = Counter()
@@ -573,8 +573,7 @@ settings = gr.load_settings(dict(os.environ), gr.build_parser().parse_args(["ran
 store = gr.StateStore(settings)
 glm = gr._import_sdk()
 with store.transaction(write=False) as tx:
-    names = [m["name"] for m in gr.cached_model_list(tx.router, settings, time.time())
-             if m.get("text")]
+    names = gr.text_model_names(gr.cached_model_list(tx.router, settings, time.time()))
 
 def pool_run():
     client = glm.GenerativeServiceClient(transport="rest", client_options={

@@ -444,6 +444,22 @@ def test_models_lists_text_models_with_limits_and_status(run_main, fake):
     assert status["gemini-2.5-pro"] == (False, False, False)
 
 
+def test_models_shows_which_keys_are_cooling(run_main, fake):
+    model = "gemini-2.5-pro"
+    fake.set_behaviour("rate_minute", key=KEYS[0], model=model, retry_delay="40s")
+    route_ok(run_main, "-m", model, "hi")                 # key#1 429s, key#2 answers
+    data = run_main("models", "--json").json()
+    assert (data[model]["cooling"], data[model]["cooling_keys"]) == (False, ["key#1"])
+    line = next(l for l in run_main("models").out.splitlines() if l.startswith(model + " "))
+    assert re.search(r"cooling on key#1, (3[5-9]|40) s$", line.rstrip()), line
+    fake.set_behaviour("rate_minute", key=KEYS[1], model=model, retry_delay="30s")
+    assert run_main("route", "-m", model, "hi").code == 4   # now both keys are limited
+    data = run_main("models", "--json").json()
+    assert (data[model]["cooling"], data[model]["cooling_keys"]) == (True, ["key#1", "key#2"])
+    line = next(l for l in run_main("models").out.splitlines() if l.startswith(model + " "))
+    assert re.search(r"cooling \(every key, (2[5-9]|30) s\)$", line.rstrip()), line
+
+
 def test_models_table_is_aligned(run_main, fake):
     assert run_main("lock", "gemini-2.0-flash").code == 0
     r = run_main("models")

@@ -128,7 +128,7 @@ def sample(ok: bool, latency: float, t: float = 1.0) -> dict:
 def listing(limits: dict[str, tuple[int, int]]) -> dict[str, dict]:
     """A model index as the router caches it: name -> entry with output/input limits."""
     return {name: {"name": name, "output_limit": out, "input_limit": inp,
-                   "methods": ["generateContent"], "text": True}
+                   "methods": ["generateContent"]}
             for name, (out, inp) in limits.items()}
 
 
