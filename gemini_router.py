@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -581,7 +582,7 @@ class ApiKey:
     def label(self) -> str:
         return f"key#{self.index}"
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         # One-way, short: enough to recognise the key across runs, useless to an attacker.
         import hashlib
@@ -1428,14 +1429,16 @@ def fetch_model_list(settings: Settings, store: StateStore, client: GeminiClient
             out.info(f"listing models with {key.label}: {result.kind}: {result.detail}")
         if result.kind == "unreachable":
             break
-    with store.transaction() as tx:
-        now = time.time()
-        for notice in [record_outcome(tx, settings, k, None, o, 0.0, now) for k, o in failures]:
-            if notice:
-                warn(notice)
-        if listed is not None:
-            tx.router["model_list"] = {"endpoint": settings.endpoint, "fetched_at": now,
-                                       "models": listed}
+    if listed is not None or any(o.kind != "unreachable" for _, o in failures):
+        with store.transaction() as tx:
+            now = time.time()
+            for notice in [record_outcome(tx, settings, k, None, o, 0.0, now)
+                           for k, o in failures]:
+                if notice:
+                    warn(notice)
+            if listed is not None:
+                tx.router["model_list"] = {"endpoint": settings.endpoint, "fetched_at": now,
+                                           "models": listed}
     if listed is not None:
         return listed
     if failures and failures[-1][1].kind == "unreachable":
@@ -1483,9 +1486,10 @@ class RoutePlan:
 
 def plan_route(tx: StateTransaction, models: list[dict[str, Any]], model: str | None,
                tier: str | None) -> RoutePlan:
-    """The candidate models, in order: -m, else the lock, else the tier order."""
+    """The candidate models, in order: -m (already resolved), else the lock, else the tier
+    order."""
     if model:
-        return RoutePlan([resolve_model(model, models)], "-m given")
+        return RoutePlan([model], "-m given")
     locked = tx.router.get("lock")
     if locked:
         return RoutePlan([locked], f"locked to {locked} ('{PROG} unlock' to release)")
@@ -1563,6 +1567,7 @@ def route_prompt(settings: Settings, store: StateStore, prompt: PromptRequest, *
     client = GeminiClient(settings)
     request = client.build_request(prompt)
     models = known_models(settings, store, client=client, out=out)
+    model = resolve_model(model, models) if model else None    # before taking any lock
     attempts: list[Attempt] = []
     last: tuple[str, ApiKey, Outcome, float] | None = None
     session: RouteSession | None = None
@@ -1921,7 +1926,8 @@ def dry_run(args: argparse.Namespace, settings: Settings, store: StateStore,
             out.emit(data, lambda: f"would use: unknown (no cached model list; "
                                    f"'{PROG} models' fetches it)")
             return 0
-        plan = plan_route(tx, models, args.model, args.tier)
+        model = resolve_model(args.model, models) if args.model else None
+        plan = plan_route(tx, models, model, args.tier)
         session = RouteSession(settings, plan, tx.router["next_key"])
         choice = session.next_choice(tx, now, reserve=False)
     skipped = [{"target": what, "until": until, "reason": why}
@@ -2020,15 +2026,26 @@ def cmd_stats(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     return 0
 
 
-def cooldown_entries(settings: Settings, cooldowns: dict[str, Any],
+def cooldown_entries(settings: Settings, cooldowns: dict[str, Any], router: dict[str, Any],
                      now: float) -> list[dict[str, Any]]:
+    """Everything that keeps a call from being made now: cooldowns, keys at a proactive
+    ceiling (GEMINI_ROUTER_RPM/RPD), then disabled keys."""
     entries = [{"model": e.get("model"), "key": settings.label_of(e.get("key")),
-                "reason": e["reason"], "kind": e.get("kind"), "until": round(e["until"], 3),
-                "remaining_s": round(e["until"] - now, 1)}
+                "reason": e["reason"], "kind": e.get("kind"), "since": e.get("since"),
+                "until": round(e["until"], 3), "remaining_s": round(e["until"] - now, 1)}
                for e in cooldowns["cooldowns"] if e["until"] > now]
+    for target in router["usage"]:
+        fingerprint, _, model = target.partition("/")
+        key = next((k for k in settings.keys if k.fingerprint == fingerprint), None)
+        ceiling = key and ceiling_until(router, settings, key, model, now)
+        if ceiling:
+            entries.append({"model": model, "key": key.label, "reason": ceiling[1],
+                            "kind": "ceiling", "since": None, "until": round(ceiling[0], 3),
+                            "remaining_s": round(ceiling[0] - now, 1)})
     entries.sort(key=lambda e: e["until"])
     entries += [{"model": None, "key": settings.label_of(fp), "reason": d.get("reason", ""),
-                 "kind": "disabled", "until": None, "remaining_s": None}
+                 "kind": "disabled", "since": d.get("since"), "until": None,
+                 "remaining_s": None}
                 for fp, d in sorted(cooldowns["disabled_keys"].items())]
     return entries
 
@@ -2039,7 +2056,7 @@ def cmd_cooldowns(args: argparse.Namespace, settings: Settings, out: Output) -> 
         return clear_cooldowns(args.clear, settings, store, out)
     with store.transaction(write=False) as tx:
         now = time.time()
-        entries = cooldown_entries(settings, tx.cooldowns, now)
+        entries = cooldown_entries(settings, tx.cooldowns, tx.router, now)
 
     def human() -> str:
         if not entries:
@@ -2064,22 +2081,23 @@ def clear_cooldowns(target: str, settings: Settings, store: StateStore, out: Out
             raise UsageError(f"{target}: no such key (configured: {len(settings.keys)})")
         fingerprint = settings.keys[int(index) - 1].fingerprint
     model = bare_model(target) if target and fingerprint is None else None
+    def matches(key_fp: str | None, entry_model: str | None) -> bool:
+        return not target or (fingerprint is not None and key_fp == fingerprint) \
+            or (model is not None and entry_model == model)
+
     with store.transaction() as tx:
-        cooldowns = tx.cooldowns
-        before = len(cooldowns["cooldowns"]) + len(cooldowns["disabled_keys"])
-        cooldowns["cooldowns"] = [
-            e for e in cooldowns["cooldowns"]
-            if target and not (fingerprint and e.get("key") == fingerprint)
-            and not (model and e.get("model") == model)]
-        if not target:
-            cooldowns["disabled_keys"] = {}
-        elif fingerprint:
-            cooldowns["disabled_keys"].pop(fingerprint, None)
-            tx.router["usage"] = {k: v for k, v in tx.router["usage"].items()
-                                  if not k.startswith(fingerprint + "/")}
-        if model:
-            tx.router["strikes"].pop(model, None)
-        cleared = before - len(cooldowns["cooldowns"]) - len(cooldowns["disabled_keys"])
+        cooldowns, now = tx.cooldowns, time.time()
+        prune_cooldowns(cooldowns, now)
+        before = len(cooldown_entries(settings, cooldowns, tx.router, now))
+        cooldowns["cooldowns"] = [e for e in cooldowns["cooldowns"]
+                                  if not matches(e.get("key"), e.get("model"))]
+        cooldowns["disabled_keys"] = {fp: d for fp, d in cooldowns["disabled_keys"].items()
+                                      if not matches(fp, None)}
+        tx.router["usage"] = {k: v for k, v in tx.router["usage"].items()
+                              if not matches(*k.split("/", 1))}
+        tx.router["strikes"] = {m: n for m, n in tx.router["strikes"].items()
+                                if not matches(None, m)}
+        cleared = before - len(cooldown_entries(settings, cooldowns, tx.router, now))
     out.emit({"cleared": cleared}, lambda: f"cleared {cleared} cooldown(s)")
     return 0
 
@@ -2206,7 +2224,7 @@ def add_global_options(parser: argparse.ArgumentParser, top: bool) -> None:
                    help="state directory (default: $GEMINI_ROUTER_STATE_DIR or "
                         "$XDG_STATE_HOME/gemini-router)")
     g.add_argument("--timeout", metavar="SECONDS", type=flag_type(LIMITS["GEMINI_ROUTER_TIMEOUT"]), default=d(None),
-                   help="per-request timeout (default 60)")
+                   help="per-request timeout (default: $GEMINI_ROUTER_TIMEOUT or 60)")
     g.add_argument("--version", action="version", version=f"{PROG} {__version__}")
 
 

@@ -566,3 +566,59 @@ def test_version_flag(run_main):
     import gemini_router
     r = run_main("--version")
     assert (r.code, r.out.strip()) == (0, f"gemini-router {gemini_router.__version__}")
+
+
+# --------------------------------------------------------------------------------------
+# review fixes: our own output failing is not the upstream's fault
+# --------------------------------------------------------------------------------------
+
+def run_with_stdout(cli, stdout, *args) -> subprocess.CompletedProcess:
+    """The CLI as a subprocess whose stdout is `stdout` (a file object), stderr captured."""
+    return subprocess.run([sys.executable, str(ROOT / "gemini_router.py"), *args],
+                          env=cli.env, cwd=str(ROOT), stdin=subprocess.DEVNULL,
+                          stdout=stdout, stderr=subprocess.PIPE, timeout=60)
+
+
+def recorded_failures(cli) -> tuple[list, dict, list]:
+    """(non-ok samples, strikes, cooldowns) in state, whichever files exist."""
+    files = {name: cli.state_dir / f for name, f in (("stats", "model_stats.json"),
+                                                      ("router", "router_state.json"),
+                                                      ("cooldowns", "cooldowns.json"))}
+    docs = {n: json.loads(p.read_text()) if p.exists() else {} for n, p in files.items()}
+    bad = [(m, s["kind"]) for m, ss in docs["stats"].get("models", {}).items()
+           for s in ss if not s["ok"]]
+    return bad, docs["router"].get("strikes", {}), docs["cooldowns"].get("cooldowns", [])
+
+
+def test_stream_reader_going_away_is_not_blamed_on_the_model(cli, fake):
+    fake.set_behaviour("ok", chunk_gap=0.3)          # time for the reader to leave
+    proc = subprocess.Popen([sys.executable, str(ROOT / "gemini_router.py"), "route",
+                             "--stream", "one two three four five six"],
+                            env=cli.env, cwd=str(ROOT), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stdout.read(5)
+    proc.stdout.close()                              # like `| head -c 5`
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0, err
+    assert first == f"[{DEFAULT_MODEL}]".encode()[:5]
+    assert err == ""                                 # no traceback, no error line
+    assert fake.count(action=("generate", "stream")) == 1
+    assert recorded_failures(cli) == ([], {}, [])
+
+
+needs_dev_full = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+
+
+@needs_dev_full
+@pytest.mark.parametrize("args, generate_calls", [(("route", "hi"), 1),
+                                                  (("route", "--stream", "hi"), 1),
+                                                  (("stats", "--json"), 0)],
+                         ids=["route", "route-stream", "stats-json"])
+def test_full_disk_on_stdout_is_one_line_exit_1(cli, fake, args, generate_calls):
+    with open("/dev/full", "w") as full:
+        proc = run_with_stdout(cli, full, *args)
+    assert proc.returncode == 1
+    assert proc.stderr.decode() == \
+        "gemini-router: error: cannot write output: No space left on device\n"
+    assert fake.count(action=("generate", "stream")) == generate_calls
+    assert recorded_failures(cli) == ([], {}, [])

@@ -525,6 +525,23 @@ def test_rpm_ceiling_counts_per_key_and_model(run3, fake):
     assert calls(fake) == 4
 
 
+def test_cooldowns_shows_keys_at_a_ceiling_and_clear_resets_them(run_main, fake):
+    env = {"GEMINI_ROUTER_RPM": "1"}
+
+    def run(*args):
+        return run_main(*args, env=env, keys=KEYS[:1])
+    assert run("route", "-m", FLASH20, "hi").code == 0              # key#1 spends its one
+    assert run("route", "-m", FLASH20, "hi").code == 4              # ... and is then held back
+    entries = run("cooldowns", "--json").json()
+    assert [(e["model"], e["key"], e["kind"], e["reason"]) for e in entries] == \
+        [(FLASH20, "key#1", "ceiling", "GEMINI_ROUTER_RPM=1 reached")]
+    assert 55 <= entries[0]["remaining_s"] <= 60
+    assert run("cooldowns", "--clear", FLASH20).out == "cleared 1 cooldown(s)\n"
+    assert run("cooldowns", "--json").json() == []
+    assert run("route", "-m", FLASH20, "hi").code == 0              # the counter was reset
+    assert fake.count(key=KEYS[0], model=FLASH20, action="generate") == 2
+
+
 def test_rpd_ceiling_waits_for_midnight_pacific(run_main, fake):
     env = {"GEMINI_ROUTER_RPD": "1"}
     assert run_main("route", "-m", FLASH, "hi", keys=[K1], env=env).code == 0
@@ -689,3 +706,97 @@ def test_rank_skips_a_cooling_pair_and_probes_with_the_other_key(run3, fake, sta
     assert calls(fake, K1, PRO) == 0                 # key#1 cools on pro: never asked
     assert calls(fake, model=PRO) == 1
     assert samples(state_dir, PRO) == [("rate_limited", False), ("ok", True), ("ok", True)]
+
+
+# ------------------------------------------------------------------------------ review fixes
+
+def plain_settings(env: dict[str, str] | None = None):
+    """Settings as load_settings builds them from an environment with one key."""
+    import argparse
+    import gemini_router as gr
+    return gr.load_settings({"GEMINI_API_KEY": K1, **(env or {})}, argparse.Namespace())
+
+
+def connect_timeout():
+    import requests
+    import urllib3
+    return requests.exceptions.ConnectTimeout(
+        urllib3.exceptions.ConnectTimeoutError(None, "timed out"))
+
+
+def read_timeout():
+    import requests
+    import urllib3
+    return requests.exceptions.ReadTimeout(
+        urllib3.exceptions.ReadTimeoutError(None, "/v1beta/models", "Read timed out."))
+
+
+def connection_refused():
+    import requests
+    import urllib3
+    refused = urllib3.exceptions.NewConnectionError(
+        None, "Failed to establish a new connection: [Errno 111] Connection refused")
+    return requests.exceptions.ConnectionError(
+        urllib3.exceptions.MaxRetryError(None, "/v1beta/models", refused))
+
+
+@pytest.mark.parametrize("make, kind, detail", [
+    (connect_timeout, "unreachable", "connection timed out"),     # the endpoint never accepts
+    (read_timeout, "transient", "no answer within 60 s (timeout)"),   # a slow model
+    (connection_refused, "unreachable", "connection refused"),
+], ids=["connect-timeout", "read-timeout", "connection-refused"])
+def test_connection_failures_are_classified_by_where_they_happened(make, kind, detail):
+    import gemini_router as gr
+    outcome = gr.outcome_from_error(make(), plain_settings())
+    assert (outcome.kind, outcome.detail) == (kind, detail)
+
+
+def test_huge_retry_delay_cools_the_pair_for_at_most_a_week(run3, fake, state_dir):
+    fake.set_behaviour("rate_minute", key=K1, model=FLASH, retry_delay="999999999999s")
+    before = time.time()
+    r = run3("route", "--json", "hi")
+    assert r.code == 0, r.err
+    assert attempts(r) == [(FLASH, "key#1", "rate_limited"), (FLASH, "key#2", "ok")]
+    until = cooldown_for(state_dir, FLASH, fp(K1))["until"]
+    assert before + 604800 <= until <= time.time() + 604800
+    listed = run3("cooldowns", "--json")
+    assert (listed.code, listed.err) == (0, "")          # the file is still valid state
+    assert [(e["model"], e["key"]) for e in listed.json()] == [(FLASH, "key#1")]
+    assert list(state_dir.glob("*.corrupt-*")) == []
+
+
+def rpm_blocked_after(calls_made: int, rpm: int):
+    """why_blocked for (key#1, flash) after `calls_made` counted calls within one minute."""
+    import gemini_router as gr
+    settings = plain_settings({"GEMINI_ROUTER_RPM": str(rpm)})
+    key = settings.keys[0]
+    router, cooldowns = gr.empty_doc("router"), gr.empty_doc("cooldowns")
+    now = 1_800_000_000.0
+    for i in range(calls_made):
+        gr.count_request(router, settings, key, FLASH, now + i * 0.01)
+    return gr.why_blocked(cooldowns, router, settings, key, FLASH, now + calls_made * 0.01)
+
+
+def test_rpm_above_1000_is_enforced():
+    assert plain_settings({"GEMINI_ROUTER_RPM": "1200"}).rpm_limit == 1200
+    blocked = rpm_blocked_after(1200, 1200)
+    assert blocked is not None
+    assert blocked[1] == "GEMINI_ROUTER_RPM=1200 reached"
+
+
+def test_rpm_above_1000_lets_the_last_call_of_the_minute_through():
+    assert rpm_blocked_after(1199, 1200) is None
+
+
+def test_listing_skips_a_key_cooling_for_every_model(run3, fake, state_dir):
+    relist = {"GEMINI_ROUTER_MODELS_TTL": "0"}                # every command lists again
+    fake.set_behaviour("rate_plain", key=K1, times=1)       # the listing 429s on key#1
+    assert run3("route", "hi", env=relist).code == 0
+    assert cooldown_targets(state_dir) == [(None, fp(K1), "rate_limited")]
+    fake.reset_log()
+    for _ in range(3):                                      # rotation reaches key#1 again
+        r = run3("route", "--json", "hi", env=relist)
+        assert r.code == 0, r.err
+        assert r.json()["key"] != "key#1"
+    assert fake.count(key=K1) == 0                          # not even to list the models
+    assert fake.count(action="list") == 3

@@ -331,3 +331,100 @@ def test_model_listing_weirdness_is_one_line_exit_4(behaviour, env, run_main, fa
     assert_one_clean_error(r, 4, "could not list models")
     assert fake.count(action="list") == 2                 # each key once
     assert "key#1" in r.err and "key#2" in r.err
+
+
+# --------------------------------------------------------------------------------------
+# review fixes: requests the SDK refuses, strict endpoints, non-ASCII digits
+# --------------------------------------------------------------------------------------
+
+def nested_schema(levels: int) -> dict:
+    """An array schema whose `items` nest `levels` deep around a string."""
+    node: dict = {"type": "string"}
+    for _ in range(levels):
+        node = {"type": "array", "items": node}
+    return node
+
+
+REFUSED_REQUESTS = [   # (route args, schema file content or None, fragment)
+    pytest.param(("-o", "top_k=99999999999999999999"), None, "the request cannot be built",
+                 id="top-k-beyond-int32"),
+    pytest.param(("--schema", "{schema}"),
+                 '{"type":"array","minItems":"x","items":{"type":"string"}}',
+                 "the request cannot be built", id="schema-min-items-not-a-number"),
+    pytest.param(("--schema", "{schema}"), json.dumps(nested_schema(40)), "nests deeper",
+                 id="schema-40-levels"),
+    pytest.param(("--schema", "{schema}"), "[" * 100_000, "nests too deeply",
+                 id="schema-100000-brackets"),
+]
+
+
+@pytest.mark.parametrize("args,schema,fragment", REFUSED_REQUESTS)
+def test_request_the_sdk_refuses_is_a_usage_error_before_any_call(args, schema, fragment,
+                                                                  warmed, run_main, fake,
+                                                                  tmp_path):
+    """A value the SDK cannot put in a request is the user's mistake: exit 2 before any
+    call, not six 'malformed response' failures blamed on the models (and recorded)."""
+    path = tmp_path / "schema.json"
+    if schema is not None:
+        path.write_text(schema)
+    before = snapshot(warmed)
+    r = run_main("route", *(a.format(schema=path) for a in args), "hi")
+    assert_one_clean_error(r, 2, fragment)
+    assert fake.count(action=("generate", "stream")) == 0
+    assert snapshot(warmed) == before                 # no sample, strike or cooldown
+
+
+def test_schema_nested_32_levels_is_still_sent(run_main, fake, tmp_path):
+    """The nesting limit refuses only what is deeper than 32 levels."""
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(nested_schema(32)))
+    r = run_main("route", "--schema", str(path), "hi")
+    assert r.code == 0, r.err
+    assert fake.count(action="generate") == 1
+
+
+BAD_ENDPOINTS = ["https://x?", "https://x#", "http://h:0", "http://h:99999", "http://user@h",
+                 "http://h/path", "127.0.0.1:8765"]
+
+
+@pytest.mark.parametrize("endpoint", BAD_ENDPOINTS)
+@pytest.mark.parametrize("via", ["env", "flag"])
+def test_endpoint_that_is_not_scheme_host_port_is_a_config_error(endpoint, via, warmed,
+                                                                 run_main, fake):
+    before = snapshot(warmed)
+    if via == "env":
+        r = run_main("route", "hi", env={"GEMINI_API_ENDPOINT": endpoint})
+    else:
+        r = run_main("route", "--endpoint", endpoint, "hi")
+    assert_one_clean_error(r, 3, "GEMINI_API_ENDPOINT" if via == "env" else "--endpoint")
+    assert repr(endpoint) in r.err
+    assert snapshot(warmed) == before
+    assert fake.count() == 0
+
+
+def test_upper_case_scheme_is_accepted_and_normalised(run_main, fake, state_dir):
+    shouted = fake.url.replace("http://", "HTTP://")
+    r = run_main("route", "--json", "hi", env={"GEMINI_API_ENDPOINT": shouted})
+    assert r.code == 0, r.err
+    assert r.json()["text"] == f"[{FIRST}] hi"
+    router = json.loads((state_dir / "router_state.json").read_text())
+    assert router["model_list"]["endpoint"] == fake.url      # cached under the normal form
+
+
+def test_key_variable_with_a_non_ascii_digit_is_not_a_numbered_key(run_main, fake):
+    r = run_main("route", "hi", env={**NO_KEYS, "GEMINI_API_KEY_²": KEYS[2]})
+    assert_one_clean_error(r, 3, "no API key")
+    assert fake.count() == 0
+
+
+def test_key_variable_with_a_non_ascii_digit_is_ignored_beside_real_keys(run_main, fake):
+    r = run_main("route", "--json", "hi", env={"GEMINI_API_KEY_²": KEYS[2]})
+    assert r.code == 0, r.err
+    assert (r.json()["key"], r.err) == ("key#1", "")
+    assert fake.count(key=KEYS[2]) == 0
+    assert fake.count(key=KEYS[0], action="generate") == 1
+
+
+def test_clearing_a_key_numbered_with_a_non_ascii_digit_is_a_usage_error(run_main):
+    r = run_main("cooldowns", "--clear", "key#²")
+    assert_one_clean_error(r, 2, "key#²: no such key")

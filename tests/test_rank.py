@@ -427,3 +427,24 @@ def test_route_skips_a_cooling_model_in_balance_order(run_main, fake):
     second = route_json(run_main)
     assert second["model"] == runner_up
     assert fake.count(model=best) == 0         # cooling: not even tried
+
+
+# ----------------------------------------------------------------------------------------
+# Review fixes: a rank that reaches nothing
+# ----------------------------------------------------------------------------------------
+
+def test_rank_with_a_cached_list_and_the_endpoint_gone_is_exit_4(cli, run_main, fake):
+    """The model list is cached, so only the probes find the endpoint down: that is
+    'cannot reach' (exit 4), not a rank of six unreachable models, and it adds no sample."""
+    rank(run_main)
+    stats_file = cli.state_dir / "model_stats.json"
+    before = stats_file.read_bytes()
+    url = fake.url
+    fake.stop()
+    r = cli("rank")                          # the subprocess env still points at `url`
+    assert r.code == 4, r.err
+    assert r.out == ""
+    assert "Traceback" not in r.err
+    assert r.err.startswith(f"gemini-router: error: cannot reach {url}") and \
+        r.err.count("\n") == 1, r.err
+    assert stats_file.read_bytes() == before

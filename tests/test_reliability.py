@@ -540,3 +540,67 @@ def test_state_file_override_under_a_file_is_exit_3(run_main, tmp_path):
     assert r.code == 3
     one_line(r.err)
     assert f"{blocker} is not a directory" in r.err
+
+
+# --------------------------------------------------------------------------------------
+# review fixes: numbers too big to compute with, file overrides without a state directory
+# --------------------------------------------------------------------------------------
+
+HUGE = 10 ** 400          # valid JSON, far beyond any float
+
+
+def big_sample(**fields) -> dict:
+    return {"t": 1_800_000_000.0, "ok": True, "kind": "ok", "latency": 0.5,
+            "prompt_tokens": 3, "output_tokens": 4, **fields}
+
+
+BIG_NUMBERS = {   # case -> (file, document body)
+    "latency-400-digits": ("model_stats.json",
+                           {"models": {"gemini-2.5-flash": [big_sample(latency=HUGE)]}}),
+    "prompt-tokens-400-digits": ("model_stats.json",
+                                 {"models": {"gemini-2.5-flash": [big_sample(prompt_tokens=HUGE)]}}),
+    "output-tokens-400-digits": ("model_stats.json",
+                                 {"models": {"gemini-2.5-flash": [big_sample(output_tokens=HUGE)]}}),
+    "cooldown-until-400-digits": ("cooldowns.json", {"cooldowns": [
+        {"model": "gemini-2.5-flash", "key": None, "until": HUGE, "reason": "x"}],
+        "disabled_keys": {}}),
+    "cooldown-until-1e18": ("cooldowns.json", {"cooldowns": [
+        {"model": "gemini-2.5-flash", "key": None, "until": 1e18, "reason": "x"}],
+        "disabled_keys": {}}),
+}
+
+
+@pytest.mark.parametrize("case", list(BIG_NUMBERS))
+def test_numbers_too_big_to_compute_with_set_the_file_aside(warmed, run_main, case):
+    name, body = BIG_NUMBERS[case]
+    bad = json.dumps({"schema": 1, "kind": f"gemini-router/{STATE_FILES[name]}",
+                      **body}).encode()
+    (warmed.state_dir / name).write_bytes(bad)
+    runs = [run_main(*args) for args in (("stats", "--json"), ("cooldowns", "--json"),
+                                         ("tiers", "--json"))]
+    assert [r.code for r in runs] == [0, 0, 0], [r.err for r in runs]
+    for r in runs:
+        strict_json(r.out)
+    warning = one_line("".join(r.err for r in runs))       # said once, by the first reader
+    assert warning.startswith("gemini-router: warning: ") and name in warning
+    assert [p.read_bytes() for p in set_aside_files(warmed.state_dir, name)] == [bad]
+    assert ".corrupt-" in warning
+
+
+def test_readers_honour_file_overrides_when_the_state_dir_is_gone(run_main, fake, state_dir,
+                                                                 tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    env = {"STATS_FILE": str(elsewhere / "stats.json"),
+           "STATE_FILE": str(elsewhere / "router.json"),
+           "COOLDOWN_FILE": str(elsewhere / "cooldowns.json")}
+    fake.set_behaviour("rate_minute", key=KEYS[0], model="gemini-2.5-flash", retry_delay="600s")
+    assert run_main("route", "hi", env=env).code == 0       # key#1 429s, key#2 answers
+    import shutil
+    shutil.rmtree(state_dir)                                 # only the lock file lived there
+    stats = run_main("stats", "--json", env=env)
+    assert (stats.code, stats.err) == (0, "")
+    assert stats.json()["gemini-2.5-flash"]["samples"] == 2
+    cooldowns = run_main("cooldowns", "--json", env=env)
+    assert (cooldowns.code, cooldowns.err) == (0, "")
+    assert [(e["model"], e["key"]) for e in cooldowns.json()] == [("gemini-2.5-flash", "key#1")]
+    assert not state_dir.exists()                            # a reader creates nothing
