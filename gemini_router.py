@@ -93,7 +93,7 @@ class Limit:
             kind = "a whole number" if self.integer else "a number"
             return math.nan, f"must be {kind}, got {raw.strip()[:40]!r}"
         if not (self.low <= value <= self.high) or math.isnan(value):
-            return math.nan, (f"must be between {_num(self.low)} and {_num(self.high)}, "
+            return math.nan, (f"must be between {_fmt_num(self.low)} and {_fmt_num(self.high)}, "
                               f"got {raw.strip()[:40]}")
         return value, None
 
@@ -499,7 +499,7 @@ class StateStore:
 
     def _lock_timeout(self) -> ConfigError:
         return ConfigError(f"state lock {self.lock_path} held by another process for more "
-                           f"than {_num(self.settings.lock_timeout)} s "
+                           f"than {_fmt_num(self.settings.lock_timeout)} s "
                            "(GEMINI_ROUTER_LOCK_TIMEOUT)")
 
     def load(self, name: str) -> tuple[str | None, dict[str, Any]]:
@@ -685,7 +685,7 @@ def _classify_error(exc: BaseException, timeout: float) -> Outcome:
             return Outcome("unreachable", reason)
         return Outcome("transient", f"connection broken: {_one_line(exc)}")
     if isinstance(exc, requests.exceptions.Timeout):
-        return Outcome("transient", f"no answer within {_num(timeout)} s (timeout)")
+        return Outcome("transient", f"no answer within {_fmt_num(timeout)} s (timeout)")
     # Anything else (an empty or malformed 200 body the SDK cannot parse, a broken stream) is
     # the server's fault, not the request's.
     return Outcome("transient", f"malformed response ({type(exc).__name__}: {_one_line(exc)})")
@@ -1680,7 +1680,7 @@ class Output:
             sys.stdout.write(text if text.endswith("\n") else text + "\n")
 
 
-def _num(value: float | None, digits: int = 2) -> str:
+def _fmt_num(value: float | None, digits: int = 2) -> str:
     if value is None:
         return "-"
     if float(value).is_integer():
@@ -1809,8 +1809,11 @@ def read_stdin_prompt() -> str | None:
         raise UsageError("stdin is not valid UTF-8") from None
 
 
-def build_prompt(args: argparse.Namespace) -> PromptRequest:
-    """The prompt from stdin and/or the argument (stdin first), plus options and files."""
+def build_prompt(args: argparse.Namespace) -> tuple[PromptRequest, str | None]:
+    """(the prompt, the -m model name without its ?options).
+
+    The prompt comes from stdin and/or the argument (stdin first), with the system text,
+    generation options (from -o and the model string) and attached files."""
     argument = None if args.prompt == "-" else args.prompt
     # argv that is not UTF-8 arrives as lone surrogates, which cannot be sent anywhere.
     for text, what in ((argument, "the prompt"), (args.system, "--system"),
@@ -1822,7 +1825,6 @@ def build_prompt(args: argparse.Namespace) -> PromptRequest:
     if not pieces:
         raise UsageError("empty prompt: give it as an argument or on stdin")
     model_name, model_opts = split_model_options(args.model)
-    args.model = model_name
     options = parse_options(model_opts + (args.option or []))
     attachments = [read_attachment(path) for path in (args.attach or [])]
     schema = None
@@ -1837,8 +1839,9 @@ def build_prompt(args: argparse.Namespace) -> PromptRequest:
             raise UsageError(f"schema {args.schema} is not valid JSON: {exc}") from None
         except RecursionError:
             raise UsageError(f"schema {args.schema} nests too deeply") from None
-    return PromptRequest(text="\n\n".join(pieces), system=args.system, options=options,
-                         attachments=attachments, schema=schema)
+    prompt = PromptRequest(text="\n\n".join(pieces), system=args.system, options=options,
+                           attachments=attachments, schema=schema)
+    return prompt, model_name
 
 
 def _is_utf8(text: str) -> bool:
@@ -1870,10 +1873,10 @@ def read_attachment(path: str) -> tuple[str, bytes]:
 # --- command handlers -----------------------------------------------------------------
 
 def cmd_route(args: argparse.Namespace, settings: Settings, out: Output) -> int:
-    prompt = build_prompt(args)
+    prompt, model = build_prompt(args)
     store = StateStore(settings)
     if args.dry_run:
-        return dry_run(args, settings, store, out)
+        return dry_run(settings, store, model, args.tier, out)
     streamed: list[str] = []
 
     def on_text(piece: str) -> None:
@@ -1887,7 +1890,7 @@ def cmd_route(args: argparse.Namespace, settings: Settings, out: Output) -> int:
             # Under --json the answer goes out in one document at the end, so there is
             # nothing to stream to the user.
             streaming = args.stream and not out.json_mode
-            result = route_prompt(settings, store, prompt, model=args.model, tier=args.tier,
+            result = route_prompt(settings, store, prompt, model=model, tier=args.tier,
                                   on_text=on_text if streaming else None, out=out)
             break
         except UpstreamError:
@@ -1913,7 +1916,7 @@ def cmd_route(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     return 0
 
 
-def dry_run(args: argparse.Namespace, settings: Settings, store: StateStore,
+def dry_run(settings: Settings, store: StateStore, model: str | None, tier: str | None,
             out: Output) -> int:
     """Explain the choice a route would make, without calling the API."""
     settings.require_keys()
@@ -1926,8 +1929,8 @@ def dry_run(args: argparse.Namespace, settings: Settings, store: StateStore,
             out.emit(data, lambda: f"would use: unknown (no cached model list; "
                                    f"'{PROG} models' fetches it)")
             return 0
-        model = resolve_model(args.model, models) if args.model else None
-        plan = plan_route(tx, models, model, args.tier)
+        model = resolve_model(model, models) if model else None
+        plan = plan_route(tx, models, model, tier)
         session = RouteSession(settings, plan, tx.router["next_key"])
         choice = session.next_choice(tx, now, reserve=False)
     skipped = [{"target": what, "until": until, "reason": why}
@@ -1990,7 +1993,7 @@ def cmd_tiers(args: argparse.Namespace, settings: Settings, out: Output) -> int:
              "SAMPLES"],
             [[r.model, r.fast or "-", r.quality or "-", r.balance or "-",
               _pct(r.success_rate), _secs(r.latency_p50_s), r.output_limit,
-              _num(r.balance_score, 3), r.samples] for r in ordered])
+              _fmt_num(r.balance_score, 3), r.samples] for r in ordered])
         unranked = sum(1 for r in ordered if not r.ranked)
         if unranked:
             table += f"\n\n{unranked} unranked (no samples yet): run '{PROG} rank'"
@@ -2018,8 +2021,8 @@ def cmd_stats(args: argparse.Namespace, settings: Settings, out: Output) -> int:
         return format_table(
             ["MODEL", "SAMPLES", "SUCCESS", "P50", "P95", "IN TOK", "OUT TOK", "OUTCOMES"],
             [[s.model, s.samples, _pct(s.success_rate), _secs(s.latency_p50_s),
-              _secs(s.latency_p95_s), _num(s.prompt_tokens_avg, 0),
-              _num(s.output_tokens_avg, 0),
+              _secs(s.latency_p95_s), _fmt_num(s.prompt_tokens_avg, 0),
+              _fmt_num(s.output_tokens_avg, 0),
               " ".join(f"{k}={v}" for k, v in sorted(s.outcomes.items()))]
              for s in stats.values()])
     out.emit(data, human)
