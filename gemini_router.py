@@ -765,6 +765,19 @@ class PromptRequest:
     attachments: list[tuple[str, bytes]] = field(default_factory=list)   # (mime, data)
     options: dict[str, Any] = field(default_factory=dict)                # GenerationConfig
     schema: dict[str, Any] | None = None                                 # Schema proto dict
+    wire_options: dict[str, Any] = field(default_factory=dict)           # see WIRE_OPTIONS
+
+
+@dataclass(frozen=True)
+class WireRequest:
+    """A built request: the SDK proto, plus generationConfig fields its protos lack."""
+    proto: Any
+    wire_options: dict[str, Any]
+
+
+# The REST transport sends call metadata as HTTP headers; the client's session moves this
+# one into the JSON body (see `_send_wire_options`).
+WIRE_OPTIONS_HEADER = "x-gemini-router-generation-config"
 
 
 def _import_sdk() -> Any:
@@ -794,10 +807,12 @@ class GeminiClient:
             session = getattr(getattr(client, "_transport", None), "_session", None)
             if session is not None and hasattr(session, "_refresh_status_codes"):
                 session._refresh_status_codes = ()
+            if session is not None:
+                _send_wire_options(session)
             self._clients[service, key.index] = client
         return self._clients[service, key.index]
 
-    def build_request(self, prompt: PromptRequest) -> Any:
+    def build_request(self, prompt: PromptRequest) -> WireRequest:
         """The request for `prompt`, without a model (`generate` adds it per attempt).
 
         Built once per prompt, before any call: a value the SDK refuses is the user's
@@ -818,33 +833,36 @@ class GeminiClient:
             raise UsageError(f"the request cannot be built: {_one_line(exc, 200)}") from None
         if prompt.system:
             request.system_instruction = glm.Content(parts=[glm.Part(text=prompt.system)])
-        return request
+        return WireRequest(request, dict(prompt.wire_options))
 
-    def generate(self, key: ApiKey, model: str, request: Any,
+    def generate(self, key: ApiKey, model: str, request: WireRequest,
                  on_text: Callable[[str], None] | None = None) -> Outcome:
         """One upstream call of `request` (from build_request) on `model`, classified.
 
         With on_text the answer is streamed into it; an error raised by on_text (our own
         output failing) propagates instead of being blamed on the upstream."""
         generative = self._client("GenerativeService", key)
-        request = type(request)(request, model=f"models/{model}")     # a copy per attempt
+        proto = type(request.proto)(request.proto, model=f"models/{model}")   # a copy per call
+        metadata = ([(WIRE_OPTIONS_HEADER, json.dumps(request.wire_options))]
+                    if request.wire_options else [])
         try:
             if on_text is None:
-                response = generative.generate_content(request, timeout=self.settings.timeout,
-                                                       retry=None)
+                response = generative.generate_content(proto, timeout=self.settings.timeout,
+                                                       retry=None, metadata=metadata)
                 return outcome_from_response(response)
-            return self._stream(generative, request, on_text)
+            return self._stream(generative, proto, metadata, on_text)
         except _OutputFailed as exc:
             raise exc.error from None
         except Exception as exc:     # noqa: BLE001 - every failure is classified, none escapes
             return outcome_from_error(exc, self.settings)
 
-    def _stream(self, generative: Any, request: Any, on_text: Callable[[str], None]) -> Outcome:
+    def _stream(self, generative: Any, proto: Any, metadata: list[tuple[str, str]],
+                on_text: Callable[[str], None]) -> Outcome:
         merged = self.glm.GenerateContentResponse()
         printed = False
         try:
             for chunk in generative.stream_generate_content(
-                    request, timeout=self.settings.timeout, retry=None):
+                    proto, timeout=self.settings.timeout, retry=None, metadata=metadata):
                 piece = "".join(p.text for c in chunk.candidates[:1] for p in c.content.parts)
                 if piece:
                     try:
@@ -880,6 +898,24 @@ class GeminiClient:
             if outcome.kind == "model_unavailable":
                 outcome.kind = "transient"      # a 404 on the list is the endpoint's problem
             return outcome
+
+
+def _send_wire_options(session: Any) -> None:
+    """Let calls add generationConfig fields the pinned protos lack (`seed`).
+
+    Such a call carries them in the WIRE_OPTIONS_HEADER metadata; this moves them from the
+    header into the JSON body just before the request leaves this session."""
+    send = session.request
+
+    def request(method: str, url: str, data: Any = None, headers: Any = None,
+                **kwargs: Any) -> Any:
+        extra = headers.pop(WIRE_OPTIONS_HEADER, None) if headers else None
+        if extra is not None and data:
+            body = json.loads(data)
+            body.setdefault("generationConfig", {}).update(json.loads(extra))
+            data = json.dumps(body)
+        return send(method, url, data=data, headers=headers, **kwargs)
+    session.request = request
 
 
 class _OutputFailed(Exception):
@@ -1653,7 +1689,8 @@ GENERATION_OPTIONS: dict[str, Callable[[str], Any]] = {
 }
 OPTION_KINDS = {float: "a number", int: "an integer", str: "text"}
 # Fields the pinned SDK (google-ai-generativelanguage 0.6.15) has no place for.
-UNSUPPORTED_OPTIONS = {"seed": "the pinned SDK's GenerationConfig has no seed field"}
+# Options the pinned SDK's GenerationConfig has no field for: sent as JSON beside it.
+WIRE_OPTIONS: dict[str, Callable[[str], Any]] = {"seed": int}
 
 
 class Output:
@@ -1715,31 +1752,34 @@ def _looks_numeric(text: str) -> bool:
         .replace(" s", "").isdigit()
 
 
-def parse_options(pairs: list[str]) -> dict[str, Any]:
-    """-o KEY=VALUE pairs -> GenerationConfig fields; a bad one is a usage error."""
-    valid = ", ".join(f"{name} ({OPTION_KINDS[kind]})"
-                      for name, kind in sorted(GENERATION_OPTIONS.items()))
+def parse_options(pairs: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """-o KEY=VALUE pairs -> (GenerationConfig fields, WIRE_OPTIONS fields).
+
+    An unknown key or a value of the wrong type is a usage error listing the valid ones."""
+    kinds = {**GENERATION_OPTIONS, **WIRE_OPTIONS}
+    valid = ", ".join(f"{name} ({OPTION_KINDS[kind]})" for name, kind in sorted(kinds.items()))
     options: dict[str, Any] = {}
+    wire: dict[str, Any] = {}
     for pair in pairs:
         name, sep, raw = pair.partition("=")
         name = name.strip().replace("-", "_")
         if not sep:
             raise UsageError(f"option {pair!r} is not KEY=VALUE; valid options: {valid}")
-        if name in UNSUPPORTED_OPTIONS:
-            raise UsageError(f"option {name!r} is not supported: {UNSUPPORTED_OPTIONS[name]}")
-        if name not in GENERATION_OPTIONS:
+        if name not in kinds:
             raise UsageError(f"unknown option {name!r}; valid options: {valid}")
-        kind = GENERATION_OPTIONS[name]
+        kind = kinds[name]
         try:
             value = kind(raw.strip())
+            if kind is float and not math.isfinite(value):
+                raise ValueError(raw)
         except ValueError:
             raise UsageError(f"option {name} needs {OPTION_KINDS[kind]}, got {raw!r}; "
                              f"valid options: {valid}") from None
         if name == "stop":
             options.setdefault("stop_sequences", []).append(value)
         else:
-            options[name] = value
-    return options
+            (wire if name in WIRE_OPTIONS else options)[name] = value
+    return options, wire
 
 
 def split_model_options(spec: str | None) -> tuple[str | None, list[str]]:
@@ -1825,7 +1865,7 @@ def build_prompt(args: argparse.Namespace) -> tuple[PromptRequest, str | None]:
     if not pieces:
         raise UsageError("empty prompt: give it as an argument or on stdin")
     model_name, model_opts = split_model_options(args.model)
-    options = parse_options(model_opts + (args.option or []))
+    options, wire_options = parse_options(model_opts + (args.option or []))
     attachments = [read_attachment(path) for path in (args.attach or [])]
     schema = None
     if args.schema:
@@ -1840,7 +1880,7 @@ def build_prompt(args: argparse.Namespace) -> tuple[PromptRequest, str | None]:
         except RecursionError:
             raise UsageError(f"schema {args.schema} nests too deeply") from None
     prompt = PromptRequest(text="\n\n".join(pieces), system=args.system, options=options,
-                           attachments=attachments, schema=schema)
+                           attachments=attachments, schema=schema, wire_options=wire_options)
     return prompt, model_name
 
 
@@ -2254,7 +2294,8 @@ def build_parser() -> ArgumentParser:
                    "(default balance)")
     p.add_argument("-s", "--system", metavar="TEXT", help="system instruction")
     p.add_argument("-o", "--option", action="append", metavar="KEY=VALUE",
-                   help="generation option, repeatable: " + ", ".join(sorted(GENERATION_OPTIONS)))
+                   help="generation option, repeatable: "
+                        + ", ".join(sorted({**GENERATION_OPTIONS, **WIRE_OPTIONS})))
     p.add_argument("-a", "--attach", action="append", metavar="FILE",
                    help="attach a text file or an image, repeatable")
     p.add_argument("--schema", metavar="FILE", help="JSON schema for a JSON answer")

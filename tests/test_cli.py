@@ -4,8 +4,9 @@ Proves, by reading the request bodies the fake Gemini server received:
   * the prompt: argument, stdin, both (stdin first), -s system instruction, -a text and
     image attachments as inline data with the right mime type;
   * model choice: -m (with `?key=value` options), --tier fast|quality|balance after a rank;
-  * generation options: every -o key lands in generationConfig, seed and unknown or
-    ill-typed keys are usage errors listing the valid keys, --schema sends responseSchema;
+  * generation options: every -o key (seed too, which the pinned SDK lacks) lands in
+    generationConfig; unknown or ill-typed keys are usage errors listing the valid keys;
+    --schema sends responseSchema;
   * --stream: text as it arrives, failover before any text, a clear failure (recorded) after;
   * route --dry-run: the choice and its reasons (lock, tier order, skipped cooldowns) with
     no generate call;
@@ -37,7 +38,7 @@ from fake_gemini import DEFAULT_MODELS, FakeGemini, make_models
 DEFAULT_MODEL = "gemini-2.5-flash"
 VALID_OPTIONS = ["temperature", "top_p", "top_k", "max_output_tokens", "stop",
                  "candidate_count", "response_mime_type", "presence_penalty",
-                 "frequency_penalty"]
+                 "frequency_penalty", "seed"]
 SCHEMA_TYPES = {1: "STRING", 2: "NUMBER", 3: "INTEGER", 4: "BOOLEAN", 5: "ARRAY", 6: "OBJECT"}
 
 
@@ -250,6 +251,8 @@ def test_default_route_follows_the_balance_tier(tiered):
     (["response_mime_type=text/plain"], {"responseMimeType": "text/plain"}),
     (["presence_penalty=0.5"], {"presencePenalty": 0.5}),
     (["frequency_penalty=-0.25"], {"frequencyPenalty": -0.25}),
+    (["seed=42"], {"seed": 42}),
+    (["seed=7", "temperature=0.2"], {"seed": 7, "temperature": 0.2}),
 ], ids=lambda v: ",".join(v) if isinstance(v, list) else "")
 def test_generation_option_reaches_the_request(run_main, fake, options, config):
     args = [a for o in options for a in ("-o", o)]
@@ -265,14 +268,22 @@ def test_max_output_tokens_cuts_the_answer_and_says_why(run_main, fake):
     assert "MAX_TOKENS" in r.err
 
 
-def test_seed_is_rejected_with_a_clear_message(run_main, fake):
-    err = usage_error(run_main("route", "-o", "seed=42", "hi"))
-    assert "seed" in err and "not supported" in err
-    assert fake.count(action="generate") == 0
+def test_seed_travels_with_every_attempt_and_the_stream(run_main, fake):
+    # The pinned SDK's GenerationConfig has no seed: it is added to the JSON body on the
+    # wire, for each attempt (here after a 429 on key#1) and for streamed calls alike.
+    fake.set_behaviour("rate_minute", key=KEYS[0], times=1)
+    route_ok(run_main, "-o", "seed=5", "hi")
+    route_ok(run_main, "--stream", "-m", "gemini-2.0-flash?seed=9", "hi")
+    sent = [(c.action, c.body["generationConfig"]) for c in fake.calls
+            if c.action in ("generate", "stream")]
+    assert sent == [("generate", {"seed": 5}), ("generate", {"seed": 5}),
+                    ("stream", {"seed": 9})]
+    assert all("x-gemini-router" not in str(c.body) for c in fake.calls)
 
 
 @pytest.mark.parametrize("option", ["warmth=3", "top_k=abc", "temperature=hot",
-                                    "max_output_tokens=1.5", "temperature"])
+                                    "max_output_tokens=1.5", "temperature", "seed=1.5",
+                                    "temperature=nan", "top_p=inf"])
 def test_bad_option_is_a_usage_error_listing_the_valid_ones(run_main, fake, option):
     err = usage_error(run_main("route", "-o", option, "hi"))
     assert option.split("=")[0] in err

@@ -565,7 +565,7 @@ def test_exit_codes(run_main, fake, state_dir, setup, args, env, code, generate_
 @pytest.mark.parametrize("setup, args, code", [
     ("bad_request", ("route", "hi"), 1),
     (None, ("lock", "nosuchmodel"), 2),
-    (None, ("route", "-o", "seed=1", "hi"), 2),
+    (None, ("route", "-o", "seed=x", "hi"), 2),
     ("rate_minute", ("route", "hi"), 4),
 ])
 def test_failure_under_json_leaves_stdout_empty(run_main, fake, setup, args, code):
