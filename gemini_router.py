@@ -193,8 +193,12 @@ def default_state_dir(env: dict[str, str]) -> str:
     return os.path.join(base, "gemini-router")
 
 
-def load_settings(env: dict[str, str], args: argparse.Namespace) -> Settings:
-    """Validate the environment and flags; every problem is a ConfigError naming the setting."""
+def load_settings(env: dict[str, str] | None = None,
+                  args: argparse.Namespace | None = None) -> Settings:
+    """Validate the environment (default os.environ) and flags; every problem is a
+    ConfigError naming the setting."""
+    env = dict(os.environ) if env is None else env
+
     def limit(name: str) -> float:
         return LIMITS[name].parse(env.get(name), name)
 

@@ -13,3 +13,20 @@ def test_route_in_process(run_main, fake):
     assert r.json()["text"] == "[gemini-2.5-flash] hi"
     assert fake.count(action="generate") == 1
     assert fake.count(key=KEYS[0], action="list") == 1
+
+
+def test_library_use_routes_and_records_like_the_cli(fake, state_dir, monkeypatch):
+    """The README's "As a library" example, as written."""
+    import gemini_router as gr
+    from conftest import base_env
+    for name, value in base_env(state_dir, fake.url, KEYS[:2]).items():
+        monkeypatch.setenv(name, value)
+    settings = gr.load_settings()
+    store = gr.StateStore(settings)
+    result = gr.route_prompt(settings, store, gr.PromptRequest("Hello", system="Be brief"))
+    assert (result.model, result.key, result.text) == \
+        ("gemini-2.5-flash", "key#1", "[gemini-2.5-flash] Hello")
+    assert fake.calls[-1].body["systemInstruction"]["parts"][0]["text"] == "Be brief"
+    with store.transaction(write=False) as tx:
+        stats = gr.all_stats(tx.stats)
+    assert stats["gemini-2.5-flash"].samples == 1
