@@ -5,8 +5,9 @@ The whole tool is this one module. It reads top to bottom in the order the data 
 
   configuration  environment + flags -> a validated, immutable ``Settings``
   errors         one exception class per exit code; ``main`` turns them into one stderr line
-  state store    three JSON files (stats, cooldowns, router state) behind one ``filelock``,
-                 read and written in short transactions, atomically replaced on write
+  state store    three JSON files (stats, cooldowns, router state) behind one lock file:
+                 writers hold it exclusively through ``filelock``, readers share it with
+                 ``flock``; short transactions, files atomically replaced on write
   keys, client   ``key#N`` labels and sha256 fingerprints; one low-level SDK client per key
                  (never ``genai.configure``, which is process-global and sends the wrong key
                  under threads); every upstream outcome classified into one ``Outcome``
@@ -23,7 +24,9 @@ Design rules that the code keeps everywhere:
   * a key's secret never leaves ``ApiKey.secret``: output shows ``key#N``, state keeps a
     fingerprint, and upstream messages are redacted before they are shown;
   * the Gemini SDK and tqdm are imported only by commands that use the network, so local
-    commands (tiers, stats, cooldowns, lock, unlock) start fast.
+    commands (tiers, stats, cooldowns, lock, unlock) start fast;
+  * every expected failure is a ``RouterError`` with its exit code: one line on stderr,
+    never a traceback.
 """
 from __future__ import annotations
 
