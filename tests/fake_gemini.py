@@ -29,57 +29,134 @@ otherwise ignored except for ``pageSize``/``pageToken``; the key is read from th
   (see "Stream framing" below) in 2-3 elements; the last carries finishReason and usageMetadata.
 - ``POST /v1beta/models/{m}:countTokens``          -> ``{"totalTokens": N}``.
 
-A model is known when it is in ``FakeGemini.models``; generate/stream need
-"generateContent" and count needs "countTokens" in its supportedGenerationMethods, as with the
-real API. Otherwise: 404 NOT_FOUND. A request without any key gets the real 403
-"unregistered callers" error.
+A model is known when it is in ``FakeGemini.models`` (``remove_model(name)`` takes one out:
+list, get and generate then 404 it); generate/stream need "generateContent" and count needs
+"countTokens" in its supportedGenerationMethods, as with the real API. Otherwise: 404
+NOT_FOUND. A request without any key gets the real 403 "unregistered callers" error.
+Catalogues: ``DEFAULT_MODELS`` (2025: 2.x models, the default) and ``CURRENT_MODELS`` (2026:
+the ``*-latest`` aliases, 3.x previews, Gemma, and non-text models that claim generateContent).
 
 Enums: when the request asks for ``enum-encoding=int`` (the SDK always does) enum fields
 (finishReason, blockReason, safety categories/probabilities) are sent as integers, as the real
 server does; otherwise as names (handy with curl).
 
-Behaviours (``set_behaviour(name, key=..., model=..., times=..., **params)``); errors use the
-real body ``{"error": {"code", "message", "status", "details"?}}``:
+Behaviours (``set_behaviour(name, key=..., project=..., model=..., times=..., **params)``);
+errors use the real body ``{"error": {"code", "message", "status", "details"?}}``:
 
-=================  ========================================================================
-ok                 normal answer
-invalid_key        400 INVALID_ARGUMENT, ErrorInfo reason API_KEY_INVALID + LocalizedMessage
-unauthorized       401 UNAUTHENTICATED
-forbidden          403 PERMISSION_DENIED, ErrorInfo reason ``reason`` (SERVICE_DISABLED)
-rate_minute        429, QuotaFailure ...PerMinutePerProjectPerModel-FreeTier, RetryInfo
-                   ``retry_delay`` ("26s"); params quota_value, message
-rate_day           429, QuotaFailure ...PerDayPerProjectPerModel-FreeTier, RetryInfo ("36s")
-rate_plain         429 RESOURCE_EXHAUSTED without details
-not_found          404 NOT_FOUND "models/x is not found for API version v1beta, ..."
-bad_request        400 INVALID_ARGUMENT + BadRequest detail; param ``message``
-error500           500 INTERNAL
-unavailable        503 UNAVAILABLE "The model is overloaded. Please try again later."
-gateway_timeout    504 DEADLINE_EXCEEDED
-slow               wait ``seconds`` (1.0), then answer ok
-hang               never answer: wait until stop() or ``seconds`` (3600) pass, then drop the
-                   connection without a response (Call.status stays 0)
-blocked            200, no candidates, promptFeedback.blockReason ``block_reason`` ("SAFETY")
-safety             200, one candidate, finishReason SAFETY, no content, safetyRatings
-html502            502 text/html "<html><body><h1>502 Bad Gateway</h1></body></html>"
-nonjson_error      500 text/plain, not JSON
-empty200           200 with an empty body
-no_candidates      200 with only usageMetadata
-stream_break       stream: one text element, then an ``{"error": ...}`` element, array closed,
-                   connection closed. generate/count: like error500
-stream_truncate    stream: one text element, then the connection is dropped mid-array (no
-                   closing "]", no terminating chunk). generate/count: like error500
-=================  ========================================================================
+======================  ===================================================================
+ok                      normal answer
+invalid_key             400 INVALID_ARGUMENT, ErrorInfo reason API_KEY_INVALID + LocalizedMessage
+key_expired             like invalid_key, "API key expired. Please renew the API key."
+unauthorized            401 UNAUTHENTICATED
+forbidden               403 PERMISSION_DENIED, ErrorInfo reason ``reason`` (SERVICE_DISABLED)
+key_blocked             403, ErrorInfo API_KEY_SERVICE_BLOCKED, "Requests to this API ... are
+                        blocked."
+suspended               403, ErrorInfo CONSUMER_SUSPENDED, "Permission denied: Consumer
+                        'api_key:REDACTED' has been suspended." (never the real key)
+leaked                  403 "Your API key was reported as leaked. ..." without details
+no_permission           403 "The caller does not have permission" without details
+location                400 FAILED_PRECONDITION "User location is not supported for the API use."
+billing                 400 FAILED_PRECONDITION "Gemini API free tier is not available in your
+                        country. ..."; ``variant="no_billing_account"``: "... cannot be used
+                        without a billing account linked ..."
+rate_minute             429, QuotaFailure GenerateRequestsPerMinutePerProjectPerModel-FreeTier,
+                        RetryInfo ``retry_delay`` ("26s"); params quota_value ("10"), message
+rate_day                429, QuotaFailure ...PerDayPerProjectPerModel-FreeTier, RetryInfo ("36s");
+                        quota_value ("250")
+rate_tokens             429, QuotaFailure GenerateContentInputTokensPerModelPerMinute-FreeTier,
+                        quota_value ("250000"), RetryInfo ("26s"); ``no_retry_info=True`` drops it
+rate_zero               429, three violations (requests/minute, requests/day, input tokens/minute)
+                        without quotaValue, "limit: 0" for each, Help first, RetryInfo ("45s")
+rate_plain              429 "Resource has been exhausted (e.g. check quota)." without details
+credits_depleted        429 "Your prepayment credits are depleted. ..." without details
+not_found               404 NOT_FOUND "models/x is not found for API version v1beta, ..."
+no_longer_available     404 "This model models/x is no longer available to new users. ..." (GET
+                        of the model still answers the entry)
+bad_request             400 INVALID_ARGUMENT + BadRequest detail; param ``message``
+no_system_instruction   400 "Developer instruction is not enabled for models/x"
+too_long                400 "The input token count (N) exceeds the maximum number of tokens
+                        allowed (L)."; N = the prompt's count (or param ``tokens``), L = the
+                        model's inputTokenLimit (or param ``limit``)
+no_thinking             400 "Thinking is not supported by this model."
+error500                500 INTERNAL
+unavailable             503 UNAVAILABLE "The model is overloaded. Please try again later."
+gateway_timeout         504 DEADLINE_EXCEEDED
+slow                    wait ``seconds`` (1.0), then answer ok
+hang                    never answer: wait until stop() or ``seconds`` (3600) pass, then drop the
+                        connection without a response (Call.status stays 0)
+blocked                 200, no candidates, promptFeedback.blockReason ``block_reason`` ("SAFETY")
+unknown_block           200, no candidates, blockReason unknown to the 0.6.15 protos: ``number``
+                        (7) with enum-encoding=int, else ``name`` ("FUTURE_BLOCK")
+safety                  200, one candidate, finishReason SAFETY, no content, safetyRatings
+empty_answer            200, finishReason STOP, content ``{"role": "model"}`` without parts
+thinking_exhausted      200, finishReason MAX_TOKENS, no parts, usageMetadata.thoughtsTokenCount
+                        = thinkingConfig.thinkingBudget, else maxOutputTokens, else ``budget``
+                        (1024); totalTokenCount = prompt + thoughts, no candidatesTokenCount
+recitation              200, finishReason RECITATION, no parts (``with_text=True``: half the text)
+image_safety            200, finishReason IMAGE_SAFETY (11), no parts
+unexpected_tool_call    200, finishReason UNEXPECTED_TOOL_CALL (12, newer than the protos), no
+                        parts
+unknown_finish          200, the normal text with a finishReason unknown to the protos:
+                        ``number`` (99) with enum-encoding=int, else ``name`` ("FUTURE_REASON")
+html502                 502 text/html "<html><body><h1>502 Bad Gateway</h1></body></html>"
+nonjson_error           500 text/plain, not JSON
+empty200                200 with an empty body
+no_candidates           200 with only usageMetadata
+stream_break            stream: one text element, then an ``{"error": ...}`` element, array
+                        closed, connection closed. generate/count: like error500
+stream_truncate         stream: one text element, then the connection is dropped mid-array (no
+                        closing "]", no terminating chunk). generate/count: like error500
+stream_error_after_stop stream: the whole normal answer (last element: STOP + usage), then an
+                        ``{"error": ...}`` element, array closed. generate/count: like error500
+======================  ===================================================================
 
-Most error behaviours take an optional ``message`` param. On countTokens the 200-content
-behaviours blocked/safety/no_candidates answer a normal count (there are no candidates to
-block); empty200 sends an empty body.
+Most error behaviours take an optional ``message`` param. The quota bodies (rate_*) take
+``quota_id`` (overrides the quotaId; the metric follows it, e.g. a ``...PaidTier...`` id gets the
+paid metric), ``quota_value``, ``retry_delay``, ``no_retry_info`` and ``help_first`` (Help
+before QuotaFailure, a shape seen in 2026; rate_zero has it by default). On countTokens the
+200-content behaviours answer a normal count (there are no candidates to block); empty200
+sends an empty body. The streams of the 200 behaviours without text are one element; the ones
+with text (unknown_finish, ``recitation`` with_text) carry their finishReason in the last one.
+
+Natural triggers, as the real API (on generate/stream, when the call's behaviour is ok or slow
+- any other rule wins; ``fake.natural_errors = False`` turns them off):
+
+- a ``gemma*`` model given a ``systemInstruction`` -> no_system_instruction;
+- a prompt longer (in words) than the model's inputTokenLimit -> too_long with the real N and L;
+- ``generationConfig.thinkingConfig`` sent to a model whose entry lacks ``"thinking": true`` ->
+  no_thinking.
+
+Thinking: with ``generationConfig.thinkingConfig`` on a thinking model, the answer's
+usageMetadata has ``thoughtsTokenCount`` = min(thinkingBudget, 8) (budget -1 or absent: 8 or
+by thinkingLevel low 4 / high 8; budget 0: no thoughts), included in totalTokenCount and taken
+from maxOutputTokens first (thoughts >= maxOutputTokens -> the thinking_exhausted answer);
+``includeThoughts: true`` adds a first part ``{"text": "thinking...", "thought": true}``.
+
+Projects: ``set_project(name, keys=[...])`` groups keys into one Google Cloud project (a key
+in no declared project is its own project, and its ``Call.project`` is None). Rules can name a
+project (``set_behaviour(..., project=NAME)``: every key of it).
 
 Rule matching: ``key=None`` means any key, ``model=None`` any model ("models/" prefix optional).
-Among the rules that apply to a call the most specific wins: (key, model) > key only >
-model only > global > "ok". ``times=N`` makes a rule expire after N applications; a later rule
-with the same (key, model) replaces the earlier one. Model listing (list/get) only sees rules
-with ``model=None`` whose behaviour is one of LISTING_BEHAVIOURS; a rule that does not apply to
-a call is neither used nor consumed by it.
+Among the rules that apply to a call the most specific wins: (key, model) > (project, model) >
+key only > project only > model only > global > "ok". ``times=N`` makes a rule expire after N
+applications; a later rule with the same (key or project, model) replaces the earlier one.
+Model listing (list/get) only sees rules with ``model=None`` whose behaviour is one of
+LISTING_BEHAVIOURS; a rule that does not apply to a call is neither used nor consumed by it.
+
+Quotas (per project and model, as Google counts them): ``set_quota(model=None, rpm=, rpd=,
+tpm=, project=None, free_tier=True)``. A generate/stream call that would get a 200 counts
+against its (project, model) in the current clock minute (``rpm``; resets on the minute), the
+current Pacific day (``rpd``) and, for ``tpm``, adds its prompt tokens to the minute. Over a
+limit the call gets the real 429 instead: GenerateRequestsPerMinutePerProjectPerModel[-FreeTier]
+with quotaValue N and retryDelay = the whole seconds to the next minute (rounded up; "Please
+retry in X.Ys." in the message has the exact figure); GenerateRequestsPerDayPerProjectPerModel
+with retryDelay "36s" (like the real API: a few seconds, not the time to midnight);
+GenerateContentInputTokensPerModelPerMinute with the seconds to the next minute. A limit of 0
+answers the rate_zero body. A refused call (any non-200) consumes nothing. The most specific
+quota wins: (project, model) > (project, any) > (any, model) > (any, any); ``project=None`` means
+every project, each with its own counters. ``clear_quotas()`` forgets limits and counters;
+``set_clock(fn)`` makes the quota windows read ``fn()`` (epoch seconds) instead of time.time,
+so a test can move time (``set_clock(None)`` restores it).
 
 Stream framing: ``Transfer-Encoding: chunked`` on HTTP/1.1 keep-alive; the body is
 ``[`` + elem1 + ``\\n,\\r\\n`` + elem2 + ... + ``\\n]`` (what the real server sends with
@@ -87,12 +164,17 @@ Stream framing: ``Transfer-Encoding: chunked`` on HTTP/1.1 keep-alive; the body 
 the closing ``]``: google.api_core's rest_streaming parser rejects any byte after it.
 
 Request log: every request (failing ones too) is appended to ``calls`` as soon as it is parsed
-(``status`` 0), and its ``status`` is filled in when the response line is sent.
+(``status`` 0), and its ``status`` is filled in when the response line is sent. ``Call.body``
+is the parsed JSON request (so tests can see thinkingConfig or seed arrive), ``Call.project``
+the key's declared project. ``count(key=, model=, action=, project=)`` counts them.
 
 Standalone::
 
-    python tests/fake_gemini.py --port 8765 [--latency 0.05] [--models N]
-                                [--behaviour KEY:MODEL:BEHAVIOUR ...]   # KEY/MODEL may be *
+    python tests/fake_gemini.py --port 8765 [--latency 0.05] [--models N] [--catalogue 2025|2026]
+                                [--behaviour KEY:MODEL:BEHAVIOUR[:NAME=VALUE,...] ...]
+                                [--project NAME=KEY1,KEY2 ...]
+                                [--quota [PROJECT:]MODEL:rpm=N[,rpd=N][,tpm=N][,paid] ...]
+    # KEY/MODEL may be *; KEY may be @PROJECT for a project rule
 """
 
 from __future__ import annotations
@@ -100,18 +182,21 @@ from __future__ import annotations
 import argparse
 import base64
 import copy
+import datetime
 import itertools
 import json
+import math
 import socket
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
-__all__ = ["FakeGemini", "Call", "DEFAULT_MODELS", "make_models", "BEHAVIOURS", "LISTING_BEHAVIOURS"]
+__all__ = ["FakeGemini", "Call", "DEFAULT_MODELS", "CURRENT_MODELS", "make_models", "BEHAVIOURS",
+           "LISTING_BEHAVIOURS"]
 
 API_VERSION = "v1beta"
 
@@ -218,6 +303,66 @@ DEFAULT_MODELS: list[dict] = [
     },
 ]
 
+
+def _default_entry(name: str) -> dict:
+    """A copy of one DEFAULT_MODELS entry (for models that are in both catalogues as they are)."""
+    return copy.deepcopy(next(m for m in DEFAULT_MODELS if m["name"] == f"models/{name}"))
+
+
+_GEMMA_METHODS = ("generateContent", "countTokens")
+_IMAGE_METHODS = ("generateContent", "countTokens", "batchGenerateContent")
+
+# The list as it looked in 2026 (names, display names, descriptions and methods from public
+# listings): 2.5-pro/flash and 3-pro-preview are shut down; stable aliases exist; several
+# non-text models claim generateContent.
+CURRENT_MODELS: list[dict] = [
+    # --- text models a router should use ---
+    _text_model("gemini-flash-latest", "Gemini Flash Latest", "Gemini Flash Latest",
+                "Latest release of Gemini Flash", 65536, thinking=True),
+    _text_model("gemini-flash-lite-latest", "Gemini Flash-Lite Latest",
+                "Gemini Flash-Lite Latest", "Latest release of Gemini Flash-Lite", 65536,
+                thinking=True),
+    _text_model("gemini-pro-latest", "Gemini Pro Latest", "Gemini Pro Latest",
+                "Latest release of Gemini Pro", 65536, thinking=True),
+    _text_model("gemini-3.1-pro-preview", "Gemini 3.1 Pro Preview", "3.1-pro-preview-02-2026",
+                "Gemini 3.1 Pro Preview", 65536, thinking=True),
+    _text_model("gemini-3-flash-preview", "Gemini 3 Flash Preview", "3-flash-preview-12-2025",
+                "Gemini 3 Flash Preview", 65536, thinking=True),
+    _default_entry("gemini-2.5-flash-lite"),
+    _default_entry("gemma-3-27b-it"),
+    _text_model("gemma-3-12b-it", "Gemma 3 12B", "001", "", 8192, in_limit=32768,
+                methods=_GEMMA_METHODS, max_temperature=None),
+    _text_model("gemma-3n-e4b-it", "Gemma 3n E4B", "001", "", 2048, in_limit=8192,
+                methods=_GEMMA_METHODS, max_temperature=None),
+    # --- models a router must exclude (most of them claim generateContent) ---
+    _text_model("nano-banana-pro-preview", "Nano Banana Pro", "3.0-pro-image-preview",
+                "Gemini 3 Pro Image Preview", 32768, in_limit=131072, methods=_IMAGE_METHODS,
+                thinking=True),
+    _text_model("gemini-2.5-flash-image", "Nano Banana", "2.0", "Gemini 2.5 Flash Preview Image",
+                32768, in_limit=32768, methods=_IMAGE_METHODS),
+    _text_model("gemini-robotics-er-1.5-preview", "Gemini Robotics-ER 1.5 Preview",
+                "1.5-preview", "Gemini Robotics-ER 1.5 Preview", 65536,
+                methods=("generateContent", "countTokens"), thinking=True),
+    _default_entry("gemini-2.5-flash-preview-tts"),
+    _text_model("gemini-3.5-transcribe-preview", "Gemini 3.5 Transcribe Preview",
+                "3.5-transcribe-preview", "Gemini 3.5 Transcribe Preview", 65536,
+                methods=("generateContent", "countTokens")),
+    # The real live and native-audio entries offer only bidiGenerateContent (+ countTokens).
+    _default_entry("gemini-2.5-flash-native-audio-preview-09-2025"),
+    _default_entry("gemini-live-2.5-flash-preview"),
+    {
+        "name": "models/gemini-embedding-001",
+        "version": "001",
+        "displayName": "Gemini Embedding 001",
+        "description": "Obtain a distributed representation of a text.",
+        "inputTokenLimit": 2048,
+        "outputTokenLimit": 1,
+        "supportedGenerationMethods": ["embedContent", "countTextTokens", "countTokens",
+                                       "asyncBatchEmbedContent"],
+    },
+]
+
+
 _SIM_OUTPUT_LIMITS = (8192, 16384, 32768, 65536)
 
 
@@ -237,25 +382,20 @@ def make_models(n: int, prefix: str = "sim-model") -> list[dict]:
 # Behaviours and error bodies
 # --------------------------------------------------------------------------------------------
 
-BEHAVIOURS = frozenset({
-    "ok", "invalid_key", "unauthorized", "forbidden", "rate_minute", "rate_day", "rate_plain",
-    "not_found", "bad_request", "error500", "unavailable", "gateway_timeout", "slow", "hang",
-    "blocked", "safety", "html502", "nonjson_error", "empty200", "no_candidates",
-    "stream_break", "stream_truncate",
+# Behaviours answered with HTTP 200 and a (possibly odd) GenerateContentResponse.
+_CONTENT_BEHAVIOURS = frozenset({
+    "ok", "blocked", "unknown_block", "safety", "no_candidates", "empty_answer",
+    "thinking_exhausted", "recitation", "image_safety", "unexpected_tool_call", "unknown_finish",
 })
+
+# 200 streams that fail; generate/count answer them like error500.
+_STREAM_FAILURES = frozenset({"stream_break", "stream_truncate", "stream_error_after_stop"})
 
 # Behaviours that affect model listing (list/get); only rules with model=None are considered.
 LISTING_BEHAVIOURS = frozenset({
     "invalid_key", "unauthorized", "forbidden", "rate_plain", "error500", "unavailable",
-    "hang", "slow", "html502",
+    "hang", "slow", "html502", "key_expired", "leaked", "suspended", "key_blocked", "location",
 })
-
-# Behaviours answered by a JSON error body with this HTTP status.
-_JSON_ERRORS = {
-    "invalid_key": 400, "unauthorized": 401, "forbidden": 403, "rate_minute": 429,
-    "rate_day": 429, "rate_plain": 429, "not_found": 404, "bad_request": 400, "error500": 500,
-    "unavailable": 503, "gateway_timeout": 504,
-}
 
 _STATUS_NAMES = {
     400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
@@ -270,34 +410,70 @@ _VERB_ACTION = {v: k for k, v in _ACTION_METHOD.items()}
 _SERVICE = "generativelanguage.googleapis.com"
 _QUOTA_METRIC = "generativelanguage.googleapis.com/generate_content_free_tier_requests"
 _INVALID_KEY_MSG = "API key not valid. Please pass a valid API key."
+_INTERNAL_MSG = ("An internal error has occurred. Please retry or report in "
+                 "https://developers.generativeai.google/guide/troubleshooting")
+_QUOTA_INTRO = (
+    "You exceeded your current quota, please check your plan and billing details. "
+    "For more information on this error, head to: "
+    "https://ai.google.dev/gemini-api/docs/rate-limits. To monitor your current "
+    "usage, head to: https://ai.dev/usage?tab=rate-limit. \n")
+
+# quotaIds (the "-FreeTier" suffix is added for free-tier projects) and their windows.
+QUOTA_RPM = "GenerateRequestsPerMinutePerProjectPerModel"
+QUOTA_RPD = "GenerateRequestsPerDayPerProjectPerModel"
+QUOTA_TPM = "GenerateContentInputTokensPerModelPerMinute"
+QUOTA_TPM_PAID = "GenerateContentPaidTierInputTokensPerModelPerMinute"
 
 # enum name -> number, used when the client asked for enum-encoding=int (verified against the
 # google.ai.generativelanguage 0.6.15 protos in test_fake_gemini.py).
 _ENUMS = {
     "finishReason": {"STOP": 1, "MAX_TOKENS": 2, "SAFETY": 3, "RECITATION": 4, "OTHER": 5,
                      "LANGUAGE": 6, "BLOCKLIST": 7, "PROHIBITED_CONTENT": 8, "SPII": 9,
-                     "MALFORMED_FUNCTION_CALL": 10},
-    "blockReason": {"SAFETY": 1, "OTHER": 2, "BLOCKLIST": 3, "PROHIBITED_CONTENT": 4},
+                     "MALFORMED_FUNCTION_CALL": 10, "IMAGE_SAFETY": 11},
+    "blockReason": {"SAFETY": 1, "OTHER": 2, "BLOCKLIST": 3, "PROHIBITED_CONTENT": 4,
+                    "IMAGE_SAFETY": 5},
     "category": {"HARM_CATEGORY_HARASSMENT": 7, "HARM_CATEGORY_HATE_SPEECH": 8,
                  "HARM_CATEGORY_SEXUALLY_EXPLICIT": 9, "HARM_CATEGORY_DANGEROUS_CONTENT": 10,
                  "HARM_CATEGORY_CIVIC_INTEGRITY": 11},
     "probability": {"NEGLIGIBLE": 1, "LOW": 2, "MEDIUM": 3, "HIGH": 4},
 }
+# Values the real API sends that the pinned 0.6.15 protos do not know (from the API reference
+# and google-ai-generativelanguage 0.6.16+; the test checks that 0.6.15 lacks them).
+_NEWER_ENUMS = {"finishReason": {"UNEXPECTED_TOOL_CALL": 12}}
+
+
+@dataclass(frozen=True)
+class _EnumValue:
+    """An enum value sent as ``number`` or ``name`` depending on the request's enum encoding."""
+    number: int
+    name: str
+
+
+def _enum_number(field_name: str, value: str) -> int | None:
+    for table in (_ENUMS, _NEWER_ENUMS):
+        if value in table.get(field_name, {}):
+            return table[field_name][value]
+    return None
+
+
+def _encode_enums(obj, as_int: bool):
+    """Copy of a response body with its enum fields as numbers (as_int) or names."""
+    if isinstance(obj, _EnumValue):
+        return obj.number if as_int else obj.name
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            number = _enum_number(k, v) if as_int and isinstance(v, str) else None
+            out[k] = number if number is not None else _encode_enums(v, as_int)
+        return out
+    if isinstance(obj, list):
+        return [_encode_enums(v, as_int) for v in obj]
+    return obj
 
 
 def _int_enums(obj):
     """Copy of a response body with the known enum fields turned into their numbers."""
-    if isinstance(obj, dict):
-        out = {}
-        for k, v in obj.items():
-            if k in _ENUMS and isinstance(v, str) and v in _ENUMS[k]:
-                out[k] = _ENUMS[k][v]
-            else:
-                out[k] = _int_enums(v)
-        return out
-    if isinstance(obj, list):
-        return [_int_enums(v) for v in obj]
-    return obj
+    return _encode_enums(obj, True)
 
 
 def _safety_ratings(flagged: str = "HARM_CATEGORY_DANGEROUS_CONTENT") -> list[dict]:
@@ -326,86 +502,246 @@ def _delay_seconds(delay: str) -> float:
         return 0.0
 
 
-def _error_body(behaviour: str, model: str | None, action: str | None, params: dict) -> dict:
-    """The real-shaped JSON error body for a JSON error behaviour."""
-    msg = params.get("message")
+def _seconds_text(seconds: float) -> str:
+    """12.5 -> "12.5", 26.0 -> "26" (how the real messages print a delay)."""
+    return f"{seconds:.9f}".rstrip("0").rstrip(".")
+
+
+def _rpc_method(action: str | None) -> str:
     method = _ACTION_METHOD.get(action or "", "generateContent")
-    m = model or "gemini-2.5-flash"
-    if behaviour == "invalid_key":
-        return _error(400, msg or _INVALID_KEY_MSG, [
-            {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",
-             "domain": "googleapis.com", "metadata": {"service": _SERVICE}},
-            {"@type": "type.googleapis.com/google.rpc.LocalizedMessage", "locale": "en-US",
-             "message": msg or _INVALID_KEY_MSG},
-        ])
-    if behaviour == "unauthorized":
-        return _error(401, msg or (
-            "Request had invalid authentication credentials. Expected OAuth 2 access token, "
-            "login cookie or other valid authentication credential. See "
-            "https://developers.google.com/identity/sign-in/web/devconsole-project."), [
-            {"@type": "type.googleapis.com/google.rpc.ErrorInfo",
-             "reason": "ACCESS_TOKEN_TYPE_UNSUPPORTED", "domain": "googleapis.com",
-             "metadata": {"service": _SERVICE, "method":
-                          f"google.ai.generativelanguage.v1beta.GenerativeService."
-                          f"{method[0].upper()}{method[1:]}"}},
-        ])
-    if behaviour == "forbidden":
-        reason = params.get("reason", "SERVICE_DISABLED")
-        default = (
-            "Generative Language API has not been used in project 123456789012 before or it "
-            "is disabled. Enable it by visiting https://console.developers.google.com/apis/api/"
-            "generativelanguage.googleapis.com/overview?project=123456789012 then retry."
-            if reason == "SERVICE_DISABLED" else
-            f"Requests to this API {_SERVICE} method "
-            f"google.ai.generativelanguage.v1beta.GenerativeService."
-            f"{method[0].upper()}{method[1:]} are blocked.")
-        return _error(403, msg or default, [
-            {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": reason,
-             "domain": "googleapis.com",
-             "metadata": {"service": _SERVICE, "consumer": "projects/123456789012"}},
-        ])
-    if behaviour in ("rate_minute", "rate_day"):
-        per_day = behaviour == "rate_day"
-        delay = params.get("retry_delay", "36s" if per_day else "26s")
-        quota_id = ("GenerateRequestsPerDayPerProjectPerModel-FreeTier" if per_day else
-                    "GenerateRequestsPerMinutePerProjectPerModel-FreeTier")
-        limit = str(params.get("quota_value", "250" if per_day else "10"))
-        message = msg or (
-            "You exceeded your current quota, please check your plan and billing details. "
-            "For more information on this error, head to: "
-            "https://ai.google.dev/gemini-api/docs/rate-limits. To monitor your current "
-            "usage, head to: https://ai.dev/usage?tab=rate-limit. \n"
-            f"* Quota exceeded for metric: {_QUOTA_METRIC}, limit: {limit}, model: {m}\n"
-            f"Please retry in {_delay_seconds(delay) + 0.5:g}s.")
-        return _error(429, message, [
-            {"@type": "type.googleapis.com/google.rpc.QuotaFailure",
-             "violations": [{"quotaMetric": _QUOTA_METRIC, "quotaId": quota_id,
-                             "quotaDimensions": {"location": "global", "model": m},
-                             "quotaValue": limit}]},
-            {"@type": "type.googleapis.com/google.rpc.Help",
+    return f"google.ai.generativelanguage.v1beta.GenerativeService.{method[0].upper()}{method[1:]}"
+
+
+def _error_info(reason: str, **metadata) -> dict:
+    return {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": reason,
+            "domain": "googleapis.com", "metadata": {"service": _SERVICE, **metadata}}
+
+
+@dataclass
+class _Ctx:
+    """What an error body may mention about the call it answers."""
+    model: str                       # bare model name
+    action: str | None
+    params: dict
+    prompt_tokens: int = 1
+    input_limit: int | None = None
+
+    @property
+    def msg(self) -> str | None:
+        return self.params.get("message")
+
+
+# --- quota (429) bodies ---
+
+def _quota_metric(quota_id: str) -> str:
+    """The quotaMetric that goes with a quotaId."""
+    free = quota_id.endswith("-FreeTier")
+    if "InputTokens" in quota_id:
+        name = ("generate_content_free_tier_input_token_count" if free else
+                "generate_content_paid_tier_input_token_count")
+    elif free:
+        name = "generate_content_free_tier_requests"
+    else:
+        name = ("generate_requests_per_model_per_day" if "PerDay" in quota_id else
+                "generate_requests_per_model")
+    return f"{_SERVICE}/{name}"
+
+
+def _quota_id(base: str, free_tier: bool) -> str:
+    if base == QUOTA_TPM and not free_tier:
+        return QUOTA_TPM_PAID
+    return f"{base}-FreeTier" if free_tier else base
+
+
+def _quota_error(model: str, violations: list[tuple[str, str | None]], params: dict, *,
+                 retry_delay: str, retry_in: float | None = None,
+                 help_first: bool = False) -> dict:
+    """A real-shaped 429: QuotaFailure with one violation per (quotaId, quotaValue or None),
+    Help and RetryInfo. A violation without a value prints "limit: 0", as the real API does."""
+    retry_delay = params.get("retry_delay", retry_delay)
+    with_retry = not params.get("no_retry_info")
+    help_first = params.get("help_first", help_first)
+    if retry_in is None or "retry_delay" in params:
+        retry_in = _delay_seconds(retry_delay) + 0.5
+    lines = "".join(f"* Quota exceeded for metric: {_quota_metric(qid)}, "
+                    f"limit: {value if value is not None else 0}, model: {model}\n"
+                    for qid, value in violations)
+    message = params.get("message") or (
+        _QUOTA_INTRO + lines + f"Please retry in {_seconds_text(retry_in)}s." if with_retry
+        else (_QUOTA_INTRO + lines).rstrip("\n"))
+    vs = []
+    for qid, value in violations:
+        v = {"quotaMetric": _quota_metric(qid), "quotaId": qid,
+             "quotaDimensions": {"location": "global", "model": model}}
+        if value is not None:
+            v["quotaValue"] = str(value)
+        vs.append(v)
+    quota = {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": vs}
+    help_ = {"@type": "type.googleapis.com/google.rpc.Help",
              "links": [{"description": "Learn more about Gemini API quotas",
-                        "url": "https://ai.google.dev/gemini-api/docs/rate-limits"}]},
-            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": delay},
+                        "url": "https://ai.google.dev/gemini-api/docs/rate-limits"}]}
+    details = [help_, quota] if help_first else [quota, help_]
+    if with_retry:
+        details.append({"@type": "type.googleapis.com/google.rpc.RetryInfo",
+                        "retryDelay": retry_delay})
+    return _error(429, message, details)
+
+
+def _zero_violations(free_tier: bool = True) -> list[tuple[str, None]]:
+    return [(_quota_id(QUOTA_RPM, free_tier), None), (_quota_id(QUOTA_RPD, free_tier), None),
+            (_quota_id(QUOTA_TPM, free_tier), None)]
+
+
+def _rate_window(base: str, default_value: str, default_delay: str):
+    def build(c: _Ctx) -> dict:
+        qid = c.params.get("quota_id", _quota_id(base, True))
+        value = c.params.get("quota_value", default_value)
+        return _quota_error(c.model, [(qid, value)], c.params, retry_delay=default_delay)
+    return build
+
+
+def _rate_zero(c: _Ctx) -> dict:
+    return _quota_error(c.model, _zero_violations(), c.params, retry_delay="45s",
+                        help_first=True)
+
+
+# --- key, project and request errors ---
+
+def _invalid_key(default: str):
+    def build(c: _Ctx) -> dict:
+        msg = c.msg or default
+        return _error(400, msg, [
+            _error_info("API_KEY_INVALID"),
+            {"@type": "type.googleapis.com/google.rpc.LocalizedMessage", "locale": "en-US",
+             "message": msg},
         ])
-    if behaviour == "rate_plain":
-        return _error(429, msg or "Resource has been exhausted (e.g. check quota).")
-    if behaviour == "not_found":
-        return _error(404, msg or _not_found_msg(m, action))
-    if behaviour == "bad_request":
-        message = msg or 'Invalid JSON payload received. Unknown name "foo"'
-        return _error(400, message, [
-            {"@type": "type.googleapis.com/google.rpc.BadRequest",
-             "fieldViolations": [{"description": message}]},
+    return build
+
+
+def _unauthorized(c: _Ctx) -> dict:
+    return _error(401, c.msg or (
+        "Request had invalid authentication credentials. Expected OAuth 2 access token, "
+        "login cookie or other valid authentication credential. See "
+        "https://developers.google.com/identity/sign-in/web/devconsole-project."), [
+        _error_info("ACCESS_TOKEN_TYPE_UNSUPPORTED", method=_rpc_method(c.action)),
+    ])
+
+
+def _forbidden(default_reason: str):
+    def build(c: _Ctx) -> dict:
+        reason = c.params.get("reason", default_reason)
+        if reason == "SERVICE_DISABLED":
+            default = (
+                "Generative Language API has not been used in project 123456789012 before or "
+                "it is disabled. Enable it by visiting https://console.developers.google.com/"
+                "apis/api/generativelanguage.googleapis.com/overview?project=123456789012 then "
+                "retry.")
+        elif reason == "CONSUMER_SUSPENDED":
+            # The real message names the consumer "api_key:<the key>"; never echo a key here.
+            default = "Permission denied: Consumer 'api_key:REDACTED' has been suspended."
+        else:
+            default = (f"Requests to this API {_SERVICE} method {_rpc_method(c.action)} "
+                       f"are blocked.")
+        return _error(403, c.msg or default, [
+            _error_info(reason, consumer="projects/123456789012"),
         ])
-    if behaviour in ("error500", "stream_break", "stream_truncate"):
-        return _error(500, msg or (
-            "An internal error has occurred. Please retry or report in "
-            "https://developers.generativeai.google/guide/troubleshooting"))
-    if behaviour == "unavailable":
-        return _error(503, msg or "The model is overloaded. Please try again later.")
-    if behaviour == "gateway_timeout":
-        return _error(504, msg or "Deadline expired before operation could complete.")
-    raise ValueError(f"not an error behaviour: {behaviour}")
+    return build
+
+
+def _plain(code: int, default: str, status: str | None = None):
+    """A body with only code, message and status (no details), as many real errors are."""
+    def build(c: _Ctx) -> dict:
+        return _error(code, c.msg or default, status=status)
+    return build
+
+
+def _billing(c: _Ctx) -> dict:
+    if c.params.get("variant") == "no_billing_account":
+        default = ("The Gemini API cannot be used without a billing account linked to your "
+                   "project. Please link a billing account to your project in Google AI Studio.")
+    else:
+        default = ("Gemini API free tier is not available in your country. Please enable "
+                   "billing on your project in Google AI Studio.")
+    return _error(400, c.msg or default, status="FAILED_PRECONDITION")
+
+
+def _no_system_instruction(c: _Ctx) -> dict:
+    return _error(400, c.msg or f"Developer instruction is not enabled for models/{c.model}")
+
+
+def _too_long(c: _Ctx) -> dict:
+    limit = int(c.params.get("limit", c.input_limit or 1048576))
+    tokens = int(c.params.get("tokens", max(c.prompt_tokens, limit + 1)))
+    return _error(400, c.msg or (f"The input token count ({tokens}) exceeds the maximum number "
+                                 f"of tokens allowed ({limit})."))
+
+
+def _not_found(c: _Ctx) -> dict:
+    return _error(404, c.msg or _not_found_msg(c.model, c.action))
+
+
+def _no_longer_available(c: _Ctx) -> dict:
+    return _error(404, c.msg or (
+        f"This model models/{c.model} is no longer available to new users. Please update your "
+        f"code to use a newer model for the latest features and improvements."))
+
+
+def _bad_request(c: _Ctx) -> dict:
+    message = c.msg or 'Invalid JSON payload received. Unknown name "foo"'
+    return _error(400, message, [
+        {"@type": "type.googleapis.com/google.rpc.BadRequest",
+         "fieldViolations": [{"description": message}]},
+    ])
+
+
+# Behaviours answered by a JSON error body: name -> builder(_Ctx) -> body (its "code" is the
+# HTTP status).
+_ERROR_BUILDERS: dict[str, Callable[[_Ctx], dict]] = {
+    "invalid_key": _invalid_key(_INVALID_KEY_MSG),
+    "key_expired": _invalid_key("API key expired. Please renew the API key."),
+    "unauthorized": _unauthorized,
+    "forbidden": _forbidden("SERVICE_DISABLED"),
+    "key_blocked": _forbidden("API_KEY_SERVICE_BLOCKED"),
+    "suspended": _forbidden("CONSUMER_SUSPENDED"),
+    "leaked": _plain(403, "Your API key was reported as leaked. Please use another API key."),
+    "no_permission": _plain(403, "The caller does not have permission"),
+    "location": _plain(400, "User location is not supported for the API use.",
+                       "FAILED_PRECONDITION"),
+    "billing": _billing,
+    "rate_minute": _rate_window(QUOTA_RPM, "10", "26s"),
+    "rate_day": _rate_window(QUOTA_RPD, "250", "36s"),
+    "rate_tokens": _rate_window(QUOTA_TPM, "250000", "26s"),
+    "rate_zero": _rate_zero,
+    "rate_plain": _plain(429, "Resource has been exhausted (e.g. check quota)."),
+    "credits_depleted": _plain(429, (
+        "Your prepayment credits are depleted. Please go to AI Studio at "
+        "https://ai.studio/projects to manage your project and billing.")),
+    "not_found": _not_found,
+    "no_longer_available": _no_longer_available,
+    "bad_request": _bad_request,
+    "no_system_instruction": _no_system_instruction,
+    "too_long": _too_long,
+    "no_thinking": _plain(400, "Thinking is not supported by this model."),
+    "error500": _plain(500, _INTERNAL_MSG),
+    "unavailable": _plain(503, "The model is overloaded. Please try again later."),
+    "gateway_timeout": _plain(504, "Deadline expired before operation could complete."),
+}
+
+_OTHER_BEHAVIOURS = frozenset({"slow", "hang", "html502", "nonjson_error", "empty200"})
+
+BEHAVIOURS = frozenset(_ERROR_BUILDERS) | _CONTENT_BEHAVIOURS | _STREAM_FAILURES | \
+    _OTHER_BEHAVIOURS
+
+
+def _error_body(behaviour: str, model: str | None, action: str | None, params: dict,
+                prompt_tokens: int = 1, input_limit: int | None = None) -> dict:
+    """The real-shaped JSON error body for a JSON error behaviour."""
+    if behaviour in _STREAM_FAILURES:
+        behaviour = "error500"
+    if behaviour not in _ERROR_BUILDERS:
+        raise ValueError(f"not an error behaviour: {behaviour}")
+    ctx = _Ctx(model or "gemini-2.5-flash", action, params, prompt_tokens, input_limit)
+    return _ERROR_BUILDERS[behaviour](ctx)
 
 
 def _not_found_msg(model: str, action: str | None) -> str:
@@ -471,22 +807,69 @@ def _last_user_text(body: dict) -> str:
     return ""
 
 
-def _answer(model: str, body: dict) -> tuple[str, str]:
-    """(answer text, finish reason) for a generate/stream request."""
+def _config(body: dict) -> dict:
+    config = body.get("generationConfig") or body.get("generation_config")
+    return config if isinstance(config, dict) else {}
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _max_output(body: dict) -> int | None:
+    """generationConfig.maxOutputTokens when it is a positive number."""
+    limit = _int_or_none(_config(body).get("maxOutputTokens"))
+    return limit if limit is not None and limit > 0 else None
+
+
+def _answer(model: str, body: dict, thoughts: int = 0) -> tuple[str, str]:
+    """(answer text, finish reason) for a generate/stream request; thoughts are taken from
+    maxOutputTokens first, as the real thinking models do."""
     prompt = _last_user_text(body)
-    config = body.get("generationConfig") or {}
+    config = _config(body)
     if config.get("responseMimeType") == "application/json":
         text = json.dumps({"model": model, "echo": prompt})
     else:
         text = f"[{model}] {prompt}"
-    limit = config.get("maxOutputTokens")
-    try:
-        limit = int(limit) if limit is not None else None
-    except (TypeError, ValueError):
-        limit = None
+    limit = _max_output(body)
+    if limit is not None:
+        limit -= thoughts
     if limit is not None and limit > 0 and len(text.split()) > limit:
         return " ".join(text.split()[:limit]), "MAX_TOKENS"
     return text, "STOP"
+
+
+# Thought tokens the fake "spends": min(budget, cap); thinkingLevel picks the budget when no
+# thinkingBudget is given.
+_THOUGHTS_CAP = 8
+_LEVEL_THOUGHTS = {"minimal": 1, "low": 4, "medium": 6, "high": 8}
+_THOUGHT_PART = {"text": "thinking...", "thought": True}
+
+
+def _thinking_config(body: dict) -> dict | None:
+    cfg = _config(body)
+    cfg = cfg.get("thinkingConfig", cfg.get("thinking_config"))
+    return cfg if isinstance(cfg, dict) else None
+
+
+def _thoughts(cfg: dict) -> int:
+    """Thought tokens a thinking model spends under this thinkingConfig."""
+    budget = _int_or_none(cfg.get("thinkingBudget", cfg.get("thinking_budget")))
+    if budget is None or budget < 0:
+        level = str(cfg.get("thinkingLevel", cfg.get("thinking_level", ""))).lower()
+        budget = _LEVEL_THOUGHTS.get(level, _THOUGHTS_CAP)
+    return min(budget, _THOUGHTS_CAP)
+
+
+def _include_thoughts(cfg: dict) -> bool:
+    return bool(cfg.get("includeThoughts", cfg.get("include_thoughts")))
+
+
+def _has_system_instruction(body: dict) -> bool:
+    return bool(body.get("systemInstruction") or body.get("system_instruction"))
 
 
 def _split_text(text: str, pieces: int = 3) -> list[str]:
@@ -524,6 +907,7 @@ class Call:
     status: int = 0           # HTTP status sent; 0 until sent (stays 0 for hang / dropped)
     body: Any = None          # parsed JSON request body, or None
     query: str = ""           # raw query string
+    project: str | None = None  # the key's declared project (None: the key is its own)
 
 
 @dataclass
@@ -531,6 +915,35 @@ class _Rule:
     behaviour: str
     params: dict = field(default_factory=dict)
     remaining: int | None = None
+
+
+@dataclass
+class _Quota:
+    """Limits of one (project, model): None = no limit in that window."""
+    rpm: int | None = None
+    rpd: int | None = None
+    tpm: int | None = None
+    free_tier: bool = True
+
+
+@dataclass
+class _Usage:
+    """What one (project, model) spent in the current minute and Pacific day."""
+    minute: int = -1
+    minute_calls: int = 0
+    minute_tokens: int = 0
+    day: str = ""
+    day_calls: int = 0
+
+
+def _pacific_day(now: float) -> str:
+    """The date in America/Los_Angeles (when the real daily quotas reset)."""
+    try:
+        from zoneinfo import ZoneInfo
+        tz = ZoneInfo("America/Los_Angeles")
+    except Exception:  # noqa: BLE001 - no tz database: standard time is close enough
+        tz = datetime.timezone(datetime.timedelta(hours=-8))
+    return datetime.datetime.fromtimestamp(now, tz).date().isoformat()
 
 
 class _Server(ThreadingHTTPServer):
@@ -649,8 +1062,14 @@ class FakeGemini:
         self._host, self._port = host, port
         self._latency_default = float(latency)
         self._latency_model: dict[str, float] = {}
-        self._rules: dict[tuple[str | None, str | None], _Rule] = {}
-        self._lock = threading.Lock()          # rules, latency, log
+        self._rules: dict[tuple[str | None, str | None], _Rule] = {}       # (key, model)
+        self._project_rules: dict[tuple[str, str | None], _Rule] = {}      # (project, model)
+        self._projects: dict[str, str] = {}                                # key -> project
+        self._quotas: dict[tuple[str | None, str | None], _Quota] = {}     # (project, model)
+        self._usage: dict[tuple[tuple[str, str], str], _Usage] = {}
+        self._clock: Callable[[], float] = time.time
+        self.natural_errors = True             # see "Natural triggers" in the module docstring
+        self._lock = threading.Lock()          # rules, projects, quotas, latency, log
         self._conn_lock = threading.Lock()
         self._conns: set[socket.socket] = set()
         self._stopping = threading.Event()
@@ -715,17 +1134,26 @@ class FakeGemini:
 
     # ------------------------------------------------------------------ configuration
     def set_behaviour(self, behaviour: str, *, key: str | None = None, model: str | None = None,
-                      times: int | None = None, **params) -> None:
+                      times: int | None = None, project: str | None = None, **params) -> None:
+        """A rule for calls with this key (or every key of this project) on this model; see
+        "Rule matching" in the module docstring."""
         if behaviour not in BEHAVIOURS:
             raise ValueError(f"unknown behaviour {behaviour!r}; known: {sorted(BEHAVIOURS)}")
         if times is not None and times < 1:
             raise ValueError("times must be >= 1 or None")
+        if key is not None and project is not None:
+            raise ValueError("a rule names a key or a project, not both")
+        rule = _Rule(behaviour, dict(params), times)
         with self._lock:
-            self._rules[(key, _bare(model))] = _Rule(behaviour, dict(params), times)
+            if project is not None:
+                self._project_rules[(project, _bare(model))] = rule
+            else:
+                self._rules[(key, _bare(model))] = rule
 
     def clear_behaviours(self) -> None:
         with self._lock:
             self._rules.clear()
+            self._project_rules.clear()
 
     def set_latency(self, seconds: float, model: str | None = None) -> None:
         with self._lock:
@@ -734,9 +1162,61 @@ class FakeGemini:
             else:
                 self._latency_model[_bare(model)] = float(seconds)
 
+    def set_project(self, name: str, keys: list[str] | tuple[str, ...]) -> None:
+        """Make `keys` (exactly these) the keys of Google Cloud project `name`; a key moves
+        here from any other project. A key in no project is its own project."""
+        if not name:
+            raise ValueError("a project needs a name")
+        with self._lock:
+            for k in [k for k, p in self._projects.items() if p == name]:
+                del self._projects[k]
+            for k in keys:
+                self._projects[k] = name
+
+    def project_of(self, key: str | None) -> str | None:
+        """The declared project of a key, or None (then the key is its own project)."""
+        with self._lock:
+            return self._projects.get(key) if key is not None else None
+
+    def remove_model(self, name: str) -> bool:
+        """Take a model out of the catalogue (list, get and generate then 404 it); True if it
+        was there."""
+        full = f"models/{_bare(name)}"
+        with self._lock:
+            before = len(self.models)
+            self.models = [m for m in self.models if m.get("name") != full]
+            return len(self.models) < before
+
+    def set_quota(self, model: str | None = None, *, rpm: int | None = None,
+                  rpd: int | None = None, tpm: int | None = None, project: str | None = None,
+                  free_tier: bool = True) -> None:
+        """Limits per (project, model), counted as Google does (see "Quotas" in the module
+        docstring). model/project None = every model/project, each counted on its own. A later
+        call for the same (project, model) replaces the limits; all three None removes them."""
+        for label, value in (("rpm", rpm), ("rpd", rpd), ("tpm", tpm)):
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"{label} must be an int >= 0 or None, not {value!r}")
+        scope = (project, _bare(model))
+        with self._lock:
+            if rpm is None and rpd is None and tpm is None:
+                self._quotas.pop(scope, None)
+            else:
+                self._quotas[scope] = _Quota(rpm, rpd, tpm, bool(free_tier))
+
+    def clear_quotas(self) -> None:
+        """Forget every quota and what was counted against them."""
+        with self._lock:
+            self._quotas.clear()
+            self._usage.clear()
+
+    def set_clock(self, clock: Callable[[], float] | None) -> None:
+        """Read the time for quota windows from clock() (epoch seconds); None = time.time."""
+        with self._lock:
+            self._clock = clock or time.time
+
     # ------------------------------------------------------------------ request log
     def count(self, *, key: str | None = None, model: str | None = None,
-              action: str | tuple | None = None) -> int:
+              action: str | tuple | None = None, project: str | None = None) -> int:
         model = _bare(model)
         actions = (action,) if isinstance(action, str) else action
         with self._lock:
@@ -744,23 +1224,28 @@ class FakeGemini:
         return sum(1 for c in calls
                    if (key is None or c.key == key)
                    and (model is None or c.model == model)
-                   and (actions is None or c.action in actions))
+                   and (actions is None or c.action in actions)
+                   and (project is None or c.project == project))
 
     def reset_log(self) -> None:
         with self._lock:
             self.calls.clear()
 
     # ------------------------------------------------------------------ internals
-    def _pick(self, key: str | None, model: str | None, action: str) -> _Rule:
+    def _pick(self, key: str | None, project: str | None, model: str | None,
+              action: str) -> _Rule:
         """The rule that applies to this call (consuming one use of it), or an "ok" rule."""
         listing = action in ("list", "get")
         if listing:
-            candidates = [(key, None), (None, None)]
-        else:
-            candidates = [(key, model), (key, None), (None, model), (None, None)]
+            model = None              # listing only sees rules for any model
+        order = [(self._rules, (key, model)), (self._project_rules, (project, model)),
+                 (self._rules, (key, None)), (self._project_rules, (project, None)),
+                 (self._rules, (None, model)), (self._rules, (None, None))]
         with self._lock:
-            for ck in candidates:
-                rule = self._rules.get(ck)
+            for table, ck in order:
+                if table is self._project_rules and project is None:
+                    continue
+                rule = table.get(ck)
                 if rule is None:
                     continue
                 if listing and rule.behaviour not in LISTING_BEHAVIOURS:
@@ -768,7 +1253,7 @@ class FakeGemini:
                 if rule.remaining is not None:
                     rule.remaining -= 1
                     if rule.remaining <= 0:
-                        del self._rules[ck]
+                        del table[ck]
                 return _Rule(rule.behaviour, dict(rule.params))
         return _Rule("ok")
 
@@ -784,7 +1269,7 @@ class FakeGemini:
             return self._stopping.is_set()
         return self._stopping.wait(seconds)
 
-    def _find_model(self, model: str) -> dict | None:
+    def _find_model(self, model: str | None) -> dict | None:
         name = f"models/{model}"
         for m in list(self.models):
             if m.get("name") == name:
@@ -793,6 +1278,63 @@ class FakeGemini:
 
     def _response_id(self) -> str:
         return base64.urlsafe_b64encode(b"fake%08d" % next(self._ids)).decode().rstrip("=")
+
+    def _quota_for(self, project: str | None, model: str) -> _Quota | None:
+        scopes = [(None, model), (None, None)]
+        if project is not None:
+            scopes = [(project, model), (project, None)] + scopes
+        for scope in scopes:
+            if scope in self._quotas:
+                return self._quotas[scope]
+        return None
+
+    def _spend_quota(self, key: str, project: str | None, model: str,
+                     tokens: int) -> dict | None:
+        """Count one call against its (project, model) quota; the 429 body instead when it is
+        over a limit (then nothing is counted)."""
+        with self._lock:
+            quota = self._quota_for(project, model)
+            if quota is None:
+                return None
+            now = self._clock()
+            owner = ("project", project) if project is not None else ("key", key)
+            use = self._usage.setdefault((owner, model), _Usage())
+            minute, day = int(now // 60), _pacific_day(now)
+            if use.minute != minute:
+                use.minute, use.minute_calls, use.minute_tokens = minute, 0, 0
+            if use.day != day:
+                use.day, use.day_calls = day, 0
+            to_minute = (minute + 1) * 60 - now
+            minute_delay = f"{math.ceil(round(to_minute, 6))}s"
+            free = quota.free_tier
+            if 0 in (quota.rpm, quota.rpd, quota.tpm):
+                return _quota_error(model, _zero_violations(free), {}, retry_delay=minute_delay,
+                                    retry_in=to_minute, help_first=True)
+            if quota.rpd is not None and use.day_calls >= quota.rpd:
+                return _quota_error(model, [(_quota_id(QUOTA_RPD, free), quota.rpd)], {},
+                                    retry_delay="36s")
+            if quota.rpm is not None and use.minute_calls >= quota.rpm:
+                return _quota_error(model, [(_quota_id(QUOTA_RPM, free), quota.rpm)], {},
+                                    retry_delay=minute_delay, retry_in=to_minute)
+            if quota.tpm is not None and use.minute_tokens + tokens > quota.tpm:
+                return _quota_error(model, [(_quota_id(QUOTA_TPM, free), quota.tpm)], {},
+                                    retry_delay=minute_delay, retry_in=to_minute)
+            use.minute_calls += 1
+            use.day_calls += 1
+            use.minute_tokens += tokens
+            return None
+
+    def _natural_error(self, model: str, entry: dict, body: dict) -> dict | None:
+        """The 400 the real API gives this model for this request by itself, if any."""
+        if _thinking_config(body) is not None and not entry.get("thinking"):
+            return _error_body("no_thinking", model, "generate", {})
+        if model.startswith("gemma") and _has_system_instruction(body):
+            return _error_body("no_system_instruction", model, "generate", {})
+        limit = entry.get("inputTokenLimit")
+        tokens = _prompt_tokens(body)
+        if isinstance(limit, int) and tokens > limit:
+            return _error_body("too_long", model, "generate", {}, tokens, limit)
+        return None
 
     def _handle(self, h: _Handler) -> None:
         split = urlsplit(h.path)
@@ -826,8 +1368,9 @@ class FakeGemini:
             elif h.command == "GET" and rest:
                 model, action = rest, "get"
 
+        project = self.project_of(key)
         call = Call(t=time.time(), method=h.command, path=split.path, key=key, model=model,
-                    action=action, body=body, query=split.query)
+                    action=action, body=body, query=split.query, project=project)
         with self._lock:
             self.calls.append(call)
 
@@ -841,7 +1384,7 @@ class FakeGemini:
                 "this API.")))
             return
 
-        rule = self._pick(key, model, action)
+        rule = self._pick(key, project, model, action)
         if self._wait(self._latency_for(model)):
             raise _Dropped()
         b, params = rule.behaviour, rule.params
@@ -856,10 +1399,14 @@ class FakeGemini:
             b = "ok"
 
         # --- error behaviours ---
-        if b in ("stream_break", "stream_truncate") and action != "stream":
+        entry = self._find_model(model) if model else None
+        if b in _STREAM_FAILURES and action != "stream":
             b = "error500"
-        if b in _JSON_ERRORS:
-            h.send_json(call, _JSON_ERRORS[b], _error_body(b, model, action, params))
+        if b in _ERROR_BUILDERS:
+            err = _error_body(b, model, action, params,
+                              _prompt_tokens(body) if isinstance(body, dict) else 1,
+                              (entry or {}).get("inputTokenLimit"))
+            h.send_json(call, err["error"]["code"], err)
             return
         if b == "html502":
             h.send_raw(call, 502, b"<html><body><h1>502 Bad Gateway</h1></body></html>",
@@ -875,7 +1422,6 @@ class FakeGemini:
         if action == "list":
             self._do_list(h, call, query)
             return
-        entry = self._find_model(model)
         if action == "get":
             if entry is None:
                 h.send_json(call, 404, _error(404, _not_found_msg(model, None)))
@@ -899,42 +1445,85 @@ class FakeGemini:
         if action == "count":
             h.send_json(call, 200, {"totalTokens": _prompt_tokens(body)})
             return
-
-        enc = _int_enums if int_enums else (lambda o: o)
-        responses = self._responses(b, model, body, params, stream=action == "stream")
-        if action == "generate":
-            h.send_json(call, 200, enc(responses[0]))
+        if b == "ok" and self.natural_errors:
+            err = self._natural_error(model, entry, body)
+            if err is not None:
+                h.send_json(call, err["error"]["code"], err)
+                return
+        err = self._spend_quota(key, project, model, _prompt_tokens(body))
+        if err is not None:
+            h.send_json(call, 429, err)
             return
-        self._do_stream(h, call, b, [enc(r) for r in responses], params)
 
-    def _responses(self, b: str, model: str, body: dict, params: dict, stream: bool) -> list:
+        responses = self._responses(b, model, entry, body, params, stream=action == "stream")
+        responses = [_encode_enums(r, int_enums) for r in responses]
+        if action == "generate":
+            h.send_json(call, 200, responses[0])
+            return
+        self._do_stream(h, call, b, responses, params)
+
+    def _responses(self, b: str, model: str, entry: dict, body: dict, params: dict,
+                   stream: bool) -> list:
         """Response bodies for a 200 generate (one) or stream (several elements)."""
         p_tokens = _prompt_tokens(body)
         common = {"modelVersion": model, "responseId": self._response_id()}
-        if b == "blocked":
-            return [{"promptFeedback": {"blockReason": params.get("block_reason", "SAFETY"),
+        prompt_usage = {"promptTokenCount": p_tokens, "totalTokenCount": p_tokens}
+        if b in ("blocked", "unknown_block"):
+            reason = (params.get("block_reason", "SAFETY") if b == "blocked" else
+                      _EnumValue(int(params.get("number", 7)),
+                                 str(params.get("name", "FUTURE_BLOCK"))))
+            return [{"promptFeedback": {"blockReason": reason,
                                         "safetyRatings": _safety_ratings()},
-                     "usageMetadata": {"promptTokenCount": p_tokens,
-                                       "totalTokenCount": p_tokens}, **common}]
+                     "usageMetadata": prompt_usage, **common}]
         if b == "safety":
             return [{"candidates": [{"finishReason": "SAFETY", "index": 0,
                                      "safetyRatings": _safety_ratings()}],
-                     "usageMetadata": {"promptTokenCount": p_tokens,
-                                       "totalTokenCount": p_tokens}, **common}]
+                     "usageMetadata": prompt_usage, **common}]
         if b == "no_candidates":
-            return [{"usageMetadata": {"promptTokenCount": p_tokens,
-                                       "totalTokenCount": p_tokens}, **common}]
+            return [{"usageMetadata": prompt_usage, **common}]
+        no_parts = {"empty_answer": "STOP", "image_safety": "IMAGE_SAFETY",
+                    "unexpected_tool_call": "UNEXPECTED_TOOL_CALL", "recitation": "RECITATION"}
+        if b in no_parts and not (b == "recitation" and params.get("with_text")):
+            cand = {"finishReason": no_parts[b], "index": 0}
+            if b == "empty_answer":
+                cand = {"content": {"role": "model"}, **cand}
+            return [{"candidates": [cand], "usageMetadata": prompt_usage, **common}]
 
-        # ok / stream_break / stream_truncate
-        text, finish = _answer(model, body)
+        cfg = _thinking_config(body) if entry.get("thinking") else None
+        thoughts = _thoughts(cfg) if cfg is not None else 0
+        out_limit = _max_output(body)
+        exhausted = thoughts and out_limit is not None and thoughts >= out_limit
+        if b == "thinking_exhausted" or (b == "ok" and exhausted):
+            spent = out_limit if b == "ok" else self._thinking_budget(body, params)
+            return [{"candidates": [{"content": {"role": "model"}, "finishReason": "MAX_TOKENS",
+                                     "index": 0}],
+                     "usageMetadata": {"promptTokenCount": p_tokens,
+                                       "totalTokenCount": p_tokens + spent,
+                                       "thoughtsTokenCount": spent}, **common}]
+
+        # ok / unknown_finish / recitation with_text / the failing streams
+        text, finish = _answer(model, body, thoughts)
+        if b == "recitation":
+            words = text.split()
+            text, finish = " ".join(words[:max(1, len(words) // 2)]), "RECITATION"
+        if b == "unknown_finish":
+            finish = _EnumValue(int(params.get("number", 99)),
+                                str(params.get("name", "FUTURE_REASON")))
         c_tokens = len(text.split())
         usage = {"promptTokenCount": p_tokens, "candidatesTokenCount": c_tokens,
-                 "totalTokenCount": p_tokens + c_tokens}
+                 "totalTokenCount": p_tokens + c_tokens + thoughts}
+        if thoughts:
+            usage["thoughtsTokenCount"] = thoughts
+        lead = [dict(_THOUGHT_PART)] if thoughts and _include_thoughts(cfg) else []
         if not stream:
-            return [{"candidates": [{"content": {"parts": [{"text": text}], "role": "model"},
+            return [{"candidates": [{"content": {"parts": lead + [{"text": text}],
+                                                 "role": "model"},
                                      "finishReason": finish, "index": 0}],
                      "usageMetadata": usage, **common}]
         out = []
+        if lead:
+            out.append({"candidates": [{"content": {"parts": lead, "role": "model"},
+                                        "index": 0}], **common})
         pieces = _split_text(text)
         for i, piece in enumerate(pieces):
             cand = {"content": {"parts": [{"text": piece}], "role": "model"}, "index": 0}
@@ -945,14 +1534,21 @@ class FakeGemini:
             out.append(elem)
         return out
 
+    @staticmethod
+    def _thinking_budget(body: dict, params: dict) -> int:
+        """Thoughts of thinking_exhausted: thinkingBudget, else maxOutputTokens, else the
+        ``budget`` param (1024)."""
+        budget = _int_or_none((_thinking_config(body) or {}).get("thinkingBudget"))
+        if budget is None or budget <= 0:
+            budget = _max_output(body)
+        return budget if budget is not None else int(params.get("budget", 1024))
+
     def _do_stream(self, h: _Handler, call: Call, b: str, elems: list, params: dict) -> None:
         gap = float(params.get("chunk_gap", 0.01))
-        if b == "stream_break":
-            err = _error(int(params.get("code", 500)), params.get("message") or (
-                "An internal error has occurred. Please retry or report in "
-                "https://developers.generativeai.google/guide/troubleshooting"),
-                status=params.get("status"))
-            elems = [elems[0], err]
+        if b in ("stream_break", "stream_error_after_stop"):
+            err = _error(int(params.get("code", 500)), params.get("message") or _INTERNAL_MSG,
+                         status=params.get("status"))
+            elems = [elems[0], err] if b == "stream_break" else elems + [err]
         elif b == "stream_truncate":
             elems = [elems[0]]
         h.start_chunked(call, close=b in ("stream_break", "stream_truncate"))
@@ -993,29 +1589,108 @@ class FakeGemini:
 # Standalone
 # --------------------------------------------------------------------------------------------
 
+_CATALOGUES = {"2025": DEFAULT_MODELS, "2026": CURRENT_MODELS}
+
+
+def _param_value(text: str) -> Any:
+    """A behaviour param from the command line: JSON when it parses (5, true, "x"), else the
+    text itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _parse_behaviour(spec: str) -> tuple[str, dict]:
+    """KEY:MODEL:BEHAVIOUR[:NAME=VALUE,...] -> (behaviour, set_behaviour kwargs)."""
+    parts = spec.split(":", 3)
+    if len(parts) < 3:
+        raise ValueError(f"--behaviour wants KEY:MODEL:BEHAVIOUR[:NAME=VALUE,...], got {spec!r}")
+    k, m, b = parts[:3]
+    if b not in BEHAVIOURS:
+        raise ValueError(f"unknown behaviour {b!r}; known: {', '.join(sorted(BEHAVIOURS))}")
+    kwargs: dict[str, Any] = {"model": None if m == "*" else m}
+    if k.startswith("@"):
+        kwargs["project"] = k[1:]
+    else:
+        kwargs["key"] = None if k == "*" else k
+    for item in (parts[3].split(",") if len(parts) == 4 and parts[3] else []):
+        name, eq, value = item.partition("=")
+        if not eq or not name or name in ("key", "model", "project"):
+            raise ValueError(f"--behaviour params are NAME=VALUE, got {item!r} in {spec!r}")
+        kwargs[name] = _param_value(value)
+    return b, kwargs
+
+
+def _parse_project(spec: str) -> tuple[str, list[str]]:
+    """NAME=KEY1,KEY2 -> (name, keys)."""
+    name, eq, keys = spec.partition("=")
+    if not eq or not name or not keys:
+        raise ValueError(f"--project wants NAME=KEY1,KEY2, got {spec!r}")
+    return name, [k for k in keys.split(",") if k]
+
+
+def _parse_quota(spec: str) -> dict:
+    """[PROJECT:]MODEL:rpm=N[,rpd=N][,tpm=N][,paid] -> set_quota kwargs."""
+    parts = spec.split(":")
+    if len(parts) not in (2, 3):
+        raise ValueError(f"--quota wants [PROJECT:]MODEL:rpm=N[,rpd=N][,tpm=N][,paid], "
+                         f"got {spec!r}")
+    project = parts[0] if len(parts) == 3 else None
+    model, limits = parts[-2], parts[-1]
+    kwargs: dict[str, Any] = {"model": None if model == "*" else model, "project": project}
+    for item in limits.split(","):
+        name, eq, value = item.partition("=")
+        if item == "paid":
+            kwargs["free_tier"] = False
+        elif eq and name in ("rpm", "rpd", "tpm") and value.isdigit():
+            kwargs[name] = int(value)
+        else:
+            raise ValueError(f"--quota limits are rpm=N, rpd=N, tpm=N or paid, got {item!r}")
+    if not any(n in kwargs for n in ("rpm", "rpd", "tpm")):
+        raise ValueError(f"--quota needs at least one of rpm=, rpd=, tpm= in {spec!r}")
+    return kwargs
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Fake Gemini v1beta REST API on 127.0.0.1.")
+    ap = argparse.ArgumentParser(
+        description="Fake Gemini v1beta REST API on 127.0.0.1. Behaviours: "
+                    + ", ".join(sorted(BEHAVIOURS)) + ".")
     ap.add_argument("--port", type=int, default=8765, help="port (0 = pick a free one)")
     ap.add_argument("--latency", type=float, default=0.0, help="seconds added to each request")
     ap.add_argument("--models", type=int, default=0, metavar="N",
-                    help="serve N simulated text models (make_models) instead of the defaults")
+                    help="serve N simulated text models (make_models) instead of a catalogue")
+    ap.add_argument("--catalogue", "--catalog", choices=sorted(_CATALOGUES), default="2025",
+                    help="model list to serve: 2025 (DEFAULT_MODELS, the default) or 2026 "
+                         "(CURRENT_MODELS)")
     ap.add_argument("--behaviour", "--behavior", action="append", default=[],
-                    metavar="KEY:MODEL:BEHAVIOUR",
-                    help="a rule; KEY or MODEL may be '*'. Repeatable.")
+                    metavar="KEY:MODEL:BEHAVIOUR[:NAME=VALUE,...]",
+                    help="a rule; KEY or MODEL may be '*', KEY may be '@PROJECT'; params after "
+                         "a 4th colon, e.g. '*:*:rate_minute:quota_value=5'. Repeatable.")
+    ap.add_argument("--project", action="append", default=[], metavar="NAME=KEY1,KEY2",
+                    help="keys that share one Google Cloud project (and its quotas). "
+                         "Repeatable.")
+    ap.add_argument("--quota", action="append", default=[],
+                    metavar="[PROJECT:]MODEL:rpm=N[,rpd=N][,tpm=N][,paid]",
+                    help="quota per project and model (MODEL may be '*'; no PROJECT = every "
+                         "project); 'paid' drops the -FreeTier quota ids. Repeatable.")
     ap.add_argument("--model-latency", action="append", default=[], metavar="MODEL=SECONDS",
                     help="latency of one model (overrides --latency for it). Repeatable.")
     args = ap.parse_args(argv)
 
-    fake = FakeGemini(models=make_models(args.models) if args.models > 0 else None,
-                      latency=args.latency, port=args.port)
-    for spec in args.behaviour:
-        parts = spec.split(":")
-        if len(parts) != 3:
-            ap.error(f"--behaviour wants KEY:MODEL:BEHAVIOUR, got {spec!r}")
-        k, m, b = parts
-        if b not in BEHAVIOURS:
-            ap.error(f"unknown behaviour {b!r}; known: {', '.join(sorted(BEHAVIOURS))}")
-        fake.set_behaviour(b, key=None if k == "*" else k, model=None if m == "*" else m)
+    models = make_models(args.models) if args.models > 0 else _CATALOGUES[args.catalogue]
+    fake = FakeGemini(models=models, latency=args.latency, port=args.port)
+    try:
+        for spec in args.project:
+            name, keys = _parse_project(spec)
+            fake.set_project(name, keys)
+        for spec in args.behaviour:
+            behaviour, kwargs = _parse_behaviour(spec)
+            fake.set_behaviour(behaviour, **kwargs)
+        for spec in args.quota:
+            fake.set_quota(**_parse_quota(spec))
+    except ValueError as exc:
+        ap.error(str(exc))
     for spec in args.model_latency:
         model, _, seconds = spec.partition("=")
         try:
