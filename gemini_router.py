@@ -64,11 +64,14 @@ DEFAULT_PREFERENCE = ("gemini-2.5-flash", "gemini-2.0-flash", "gemini-2.5-flash-
                       "gemini-2.0-flash-lite", "gemini-2.5-pro")
 # A model whose name carries one of these words is not a text model, whatever methods it lists.
 NON_TEXT_WORDS = ("embed", "image", "imagen", "tts", "audio", "live", "veo", "aqa", "lyria",
-                  "computer-use")
+                  "computer-use", "nano-banana", "robotics", "transcri", "native-audio")
 MIN_KEY_LENGTH = 8
-MAX_COOLDOWN_SECS = 7 * 86400  # no upstream retryDelay cools anything longer than a week
-TRANSIENT_STRIKES = 3          # consecutive transient failures that cool a model down
-MODEL_GONE_SECS = 3600.0       # a 404 model stays out of routing this long
+MAX_COOLDOWN_SECS = 30 * 86400  # no cooldown, whatever its source, lasts longer than 30 days
+LONG_COOLDOWN_SECS = 86400.0    # refusals that only a person can lift (billing, no access)
+NO_QUOTA_SECS = 30 * 86400.0    # "limit: 0": this project never gets this model
+MODEL_CHECK_SECS = 3600.0       # a 404 pair waits this long while the live list is consulted
+TRANSIENT_BASE_SECS = 5.0       # first transient strike on a (key, model) pair
+MODEL_WIDE_KEYS = 3             # distinct keys failing on a model before it cools for everyone
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,8 @@ LIMITS = {
     "GEMINI_ROUTER_MODELS_TTL": Limit(86400, 0, 30 * 86400),
     "GEMINI_ROUTER_RPM": Limit(0, 0, 100000, integer=True),
     "GEMINI_ROUTER_RPD": Limit(0, 0, 10000000, integer=True),
+    "GEMINI_ROUTER_MAX_ATTEMPTS": Limit(8, 1, 100, integer=True),
+    "GEMINI_ROUTER_DEADLINE": Limit(120, 1, 86400),
 }
 
 
@@ -126,6 +131,9 @@ class Settings:
     models_ttl: float
     rpm_limit: int            # per key and model, 0 = no ceiling
     rpd_limit: int            # per key and model per Pacific day, 0 = no ceiling
+    max_attempts: int = 8     # upstream calls one route may make
+    deadline: float = 120.0   # wall time one route may take, all attempts together
+    projects: tuple[tuple[int, ...], ...] = ()   # GEMINI_ROUTER_PROJECTS groups, as key indexes
 
     def require_keys(self) -> tuple[ApiKey, ...]:
         if not self.keys:
@@ -141,6 +149,32 @@ class Settings:
             if key.fingerprint == fingerprint:
                 return key.label
         return f"key?{fingerprint[:6]}"
+
+    @functools.cached_property
+    def _project_of(self) -> dict[int, tuple[ApiKey, ...]]:
+        by_index = {k.index: k for k in self.keys}
+        groups: dict[int, tuple[ApiKey, ...]] = {}
+        for group in self.projects:
+            members = tuple(by_index[i] for i in group if i in by_index)
+            for key in members:
+                groups[key.index] = members
+        return {k.index: groups.get(k.index, (k,)) for k in self.keys}
+
+    def project_keys(self, key: ApiKey) -> tuple[ApiKey, ...]:
+        """Every configured key of `key`'s Google Cloud project (itself when undeclared)."""
+        return self._project_of.get(key.index, (key,))
+
+    def project_id(self, key: ApiKey) -> str:
+        """A stable name for the project in state: its smallest key fingerprint, so it
+        survives a reordering of the environment (a change of members re-learns limits)."""
+        return min(k.fingerprint for k in self.project_keys(key))
+
+    def project_label(self, key: ApiKey) -> str:
+        """How the project is shown: 'project#G' for a declared group, else 'own'."""
+        for n, group in enumerate(self.projects, 1):
+            if key.index in group:
+                return f"project#{n}"
+        return "own"
 
 
 def collect_keys(env: dict[str, str]) -> tuple[ApiKey, ...]:
@@ -219,9 +253,21 @@ def load_settings(env: dict[str, str] | None = None,
              if env.get(STATE_FILE_ENV[name], "").strip()
              else os.path.join(state_dir, filename)
              for name, filename in STATE_FILE_NAMES.items()}
+    same = [(a, b) for i, a in enumerate(STATE_FILE_ENV) for b in list(STATE_FILE_ENV)[i + 1:]
+            if os.path.realpath(files[a]) == os.path.realpath(files[b])]
+    if same:
+        a, b = same[0]
+        raise ConfigError(f"{STATE_FILE_ENV[a]} and {STATE_FILE_ENV[b]} name the same file "
+                          f"{files[a]}; each state file needs its own path")
+    keys = collect_keys(env)
     timeout_flag = getattr(args, "timeout", None)
+
+    def flag_or(name: str, flag: str) -> float:
+        value = getattr(args, flag, None)
+        return value if value is not None else limit(name)
+
     return Settings(
-        keys=collect_keys(env),
+        keys=keys,
         endpoint=endpoint,
         state_dir=state_dir,
         files=files,
@@ -232,7 +278,35 @@ def load_settings(env: dict[str, str] | None = None,
         models_ttl=limit("GEMINI_ROUTER_MODELS_TTL"),
         rpm_limit=int(limit("GEMINI_ROUTER_RPM")),
         rpd_limit=int(limit("GEMINI_ROUTER_RPD")),
+        max_attempts=int(flag_or("GEMINI_ROUTER_MAX_ATTEMPTS", "max_attempts")),
+        deadline=flag_or("GEMINI_ROUTER_DEADLINE", "deadline"),
+        projects=parse_projects(env.get("GEMINI_ROUTER_PROJECTS", ""), len(keys)),
     )
+
+
+def parse_projects(raw: str, n_keys: int) -> tuple[tuple[int, ...], ...]:
+    """GEMINI_ROUTER_PROJECTS "1,2;3,4,5" -> ((1, 2), (3, 4, 5)); a key in no group is its
+    own project. Key numbers are positions in the merged key list (key#N)."""
+    groups: list[tuple[int, ...]] = []
+    seen: set[int] = set()
+    for part in (p.strip() for p in raw.split(";")):
+        if not part:
+            continue
+        members: list[int] = []
+        for item in (i.strip() for i in part.split(",")):
+            if not _is_decimal(item):
+                raise ConfigError(f"GEMINI_ROUTER_PROJECTS must be groups of key numbers like "
+                                  f"'1,2;3,4', got {item[:20]!r} in {raw.strip()[:60]!r}")
+            n = int(item)
+            if not 1 <= n <= max(n_keys, 1) or (n_keys and n > n_keys):
+                raise ConfigError(f"GEMINI_ROUTER_PROJECTS names key#{n}, but "
+                                  f"{n_keys} key(s) are configured")
+            if n in seen:
+                raise ConfigError(f"GEMINI_ROUTER_PROJECTS puts key#{n} in two projects")
+            seen.add(n)
+            members.append(n)
+        groups.append(tuple(members))
+    return tuple(groups)
 
 
 # ======================================================================================
@@ -261,9 +335,10 @@ class NothingAvailable(RouterError):
     """Every candidate is cooling down, disabled or failed. `until` is the earliest recovery."""
     exit_code = 4
 
-    def __init__(self, message: str, until: float | None = None):
+    def __init__(self, message: str, until: float | None = None, rate_limited: bool = False):
         super().__init__(message)
         self.until = until
+        self.rate_limited = rate_limited    # every candidate out of quota (429) vs failing (503)
 
 
 class Interrupted(RouterError):
@@ -274,9 +349,12 @@ class Interrupted(RouterError):
 # State store: three JSON files behind one lock
 # ======================================================================================
 # Every read-modify-write of state happens inside `StateStore.transaction()`: it takes the
-# one file lock (bounded wait), loads the files the caller touches on first use, and on a
-# clean exit writes back those whose content changed - each through a temp file, fsync and
-# rename, so a reader or a crash never sees half a file. Network calls happen outside.
+# lock of each directory that holds a state file (normally one: the state directory), loads
+# the files the caller touches on first use, and on a clean exit writes back those whose
+# content changed - each through a temp file unique to the writer, fsync and rename, so a
+# reader or a crash never sees half a file. Network calls happen outside. Readers share the
+# lock and reuse what they parsed while a file's inode, size and mtime are unchanged, so a
+# route that only reads state costs a few stat() calls.
 
 def empty_doc(name: str) -> dict[str, Any]:
     base: dict[str, Any] = {"schema": SCHEMA_VERSION, "kind": f"gemini-router/{name}"}
@@ -285,35 +363,8 @@ def empty_doc(name: str) -> dict[str, Any]:
     elif name == "cooldowns":
         base.update(cooldowns=[], disabled_keys={})
     else:
-        base.update(next_key=0, lock=None, model_list=None, usage={}, strikes={})
+        base.update(next_key=0, lock=None, model_list=None, usage={}, strikes={}, limits={})
     return base
-
-
-def doc_shape_ok(name: str, doc: Any) -> bool:
-    """A structural check: enough that no code reading the document can crash on it."""
-    if name == "stats":
-        models = doc.get("models")
-        return isinstance(models, dict) and all(
-            isinstance(samples, list) and all(_sample_ok(s) for s in samples)
-            for samples in models.values())
-    if name == "cooldowns":
-        entries, disabled = doc.get("cooldowns"), doc.get("disabled_keys")
-        return isinstance(entries, list) and isinstance(disabled, dict) and all(
-            isinstance(e, dict) and _is_time(e.get("until")) and isinstance(e.get("reason"), str)
-            and _opt_str(e.get("model")) and _opt_str(e.get("key")) for e in entries) \
-            and all(isinstance(v, dict) for v in disabled.values())
-    listing = doc.get("model_list")
-    return (isinstance(doc.get("next_key"), int) and _opt_str(doc.get("lock"))
-            and isinstance(doc.get("strikes"), dict)
-            and all(isinstance(v, int) for v in doc["strikes"].values())
-            and isinstance(doc.get("usage"), dict)
-            and all(isinstance(u, dict) and isinstance(u.get("minute", []), list)
-                    and all(_is_time(t) for t in u.get("minute", []))
-                    and isinstance(u.get("count", 0), int) for u in doc["usage"].values())
-            and (listing is None or (isinstance(listing, dict)
-                                     and _is_time(listing.get("fetched_at"))
-                                     and isinstance(listing.get("models"), list)
-                                     and all(_model_entry_ok(m) for m in listing["models"]))))
 
 
 def _reject_constant(name: str) -> Any:
@@ -325,6 +376,10 @@ def _is_num(value: Any) -> bool:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     return 0 <= value < 2 ** 53 and (isinstance(value, int) or math.isfinite(value))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and _is_num(value)
 
 
 def _is_time(value: Any) -> bool:
@@ -339,8 +394,28 @@ def _opt_str(value: Any) -> bool:
 def _sample_ok(s: Any) -> bool:
     return (isinstance(s, dict) and _is_time(s.get("t")) and isinstance(s.get("ok"), bool)
             and isinstance(s.get("kind"), str) and _is_num(s.get("latency", 0))
-            and isinstance(s.get("prompt_tokens", 0), int) and _is_num(s.get("prompt_tokens", 0))
-            and isinstance(s.get("output_tokens", 0), int) and _is_num(s.get("output_tokens", 0)))
+            and _is_int(s.get("prompt_tokens", 0)) and _is_int(s.get("output_tokens", 0)))
+
+
+def _cooldown_ok(e: Any) -> bool:
+    return (isinstance(e, dict) and _is_time(e.get("until")) and isinstance(e.get("reason"), str)
+            and _opt_str(e.get("model")) and _opt_str(e.get("key"))
+            and _is_time(e.get("since", 0)))
+
+
+def _usage_ok(u: Any) -> bool:
+    return (isinstance(u, dict) and isinstance(u.get("minute", []), list)
+            and all(_is_time(t) for t in u.get("minute", []))
+            and _is_int(u.get("count", 0)) and _opt_str(u.get("day")))
+
+
+def _limit_ok(v: Any) -> bool:
+    return isinstance(v, dict) and all(
+        _is_int(v.get(w, 0)) for w in ("rpm", "rpd", "tpm")) and _is_time(v.get("learned", 0))
+
+
+def _strike_ok(v: Any) -> bool:
+    return _is_int(v) or (isinstance(v, dict) and _is_int(v.get("n")) and _is_time(v.get("t")))
 
 
 def _model_entry_ok(m: Any) -> bool:
@@ -348,6 +423,70 @@ def _model_entry_ok(m: Any) -> bool:
             and isinstance(m.get("input_limit"), int) and isinstance(m.get("output_limit"), int)
             and isinstance(m.get("methods"), list)
             and all(isinstance(x, str) for x in m["methods"]))
+
+
+def _listing_ok(listing: Any) -> bool:
+    return listing is None or (isinstance(listing, dict) and _is_time(listing.get("fetched_at"))
+                               and isinstance(listing.get("models"), list))
+
+
+def _keep(items: dict[str, Any], ok: Callable[[Any], bool]) -> tuple[dict[str, Any], int]:
+    kept = {k: v for k, v in items.items() if isinstance(k, str) and ok(v)}
+    return kept, len(items) - len(kept)
+
+
+def sanitize_doc(name: str, doc: dict[str, Any]) -> tuple[dict[str, Any], int] | None:
+    """(the document with every entry this version can use, how many entries were dropped),
+    or None when its skeleton is unusable. One bad entry never costs its neighbours."""
+    clean = empty_doc(name)
+    dropped = 0
+    if name == "stats":
+        models = doc.get("models")
+        if not isinstance(models, dict):
+            return None
+        for model, samples in models.items():
+            if not isinstance(samples, list):
+                dropped += 1
+                continue
+            good = [s for s in samples if _sample_ok(s)]
+            dropped += len(samples) - len(good)
+            clean["models"][model] = good
+        return clean, dropped
+    if name == "cooldowns":
+        entries, disabled = doc.get("cooldowns"), doc.get("disabled_keys")
+        if not isinstance(entries, list) or not isinstance(disabled, dict):
+            return None
+        clean["cooldowns"] = [e for e in entries if _cooldown_ok(e)]
+        clean["disabled_keys"], bad = _keep(disabled, lambda v: isinstance(v, dict))
+        return clean, dropped + bad + len(entries) - len(clean["cooldowns"])
+    for field_name, ok in (("strikes", _strike_ok), ("usage", _usage_ok), ("limits", _limit_ok)):
+        value = doc.get(field_name, {})
+        if not isinstance(value, dict):
+            dropped += 1
+            continue
+        clean[field_name], bad = _keep(value, ok)
+        dropped += bad
+    if _is_int(doc.get("next_key")):
+        clean["next_key"] = doc["next_key"]
+    if _opt_str(doc.get("lock")):
+        clean["lock"] = doc.get("lock")
+    else:
+        dropped += 1
+    listing = doc.get("model_list")
+    if _listing_ok(listing):
+        if listing is not None:
+            models = [m for m in listing["models"] if _model_entry_ok(m)]
+            dropped += len(listing["models"]) - len(models)
+            listing = {**listing, "models": models}
+        clean["model_list"] = listing
+    else:
+        dropped += 1
+    return clean, dropped
+
+
+def _copy(doc: dict[str, Any]) -> dict[str, Any]:
+    """A writer's own copy of a cached document (plain JSON: a round trip is the fastest)."""
+    return json.loads(json.dumps(doc))
 
 
 def warn(message: str) -> None:
@@ -362,17 +501,18 @@ _QUIET = False
 class StateTransaction:
     """The documents of one locked transaction, loaded lazily by name.
 
-    Built with `docs` instead, it is a view of in-memory documents (never committed): the
-    prober's local mirror of state goes through the same `record_outcome`."""
+    Built with `docs` instead, it is a view of in-memory documents (never committed)."""
 
-    def __init__(self, store: StateStore | None, docs: dict[str, dict[str, Any]] | None = None):
+    def __init__(self, store: StateStore | None, docs: dict[str, dict[str, Any]] | None = None,
+                 write: bool = True):
         self._store = store
+        self._write = write
         self._docs: dict[str, dict[str, Any]] = dict(docs or {})
         self._original: dict[str, str | None] = {name: None for name in self._docs}
 
     def doc(self, name: str) -> dict[str, Any]:
         if name not in self._docs:
-            text, doc = self._store.load(name)
+            text, doc = self._store.load(name, self._write)
             self._original[name] = text
             self._docs[name] = doc
         return self._docs[name]
@@ -395,16 +535,24 @@ class StateTransaction:
                 continue        # nothing to keep: do not create a file for it
             text = json.dumps(doc, separators=(",", ":"))
             if text != self._original[name]:
-                self._store.write(name, text)
+                self._store.write(name, text, doc)
 
 
 class StateStore:
-    """The state directory: where the files are, the lock, and atomic loads and writes."""
+    """Where the state files are, their locks, and atomic, cached loads and writes."""
+
+    LOCK_NAME = "state.lock"
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self.paths = settings.files
-        self.lock_path = os.path.join(settings.state_dir, "state.lock")
+        # The lock lives with the data it protects: one per directory holding a state file,
+        # so two state dirs sharing one overridden file still serialise on that file.
+        self.lock_paths = sorted({os.path.join(os.path.dirname(p) or ".", self.LOCK_NAME)
+                                  for p in self.paths.values()})
+        self.lock_path = self.lock_paths[0]
+        self._cache: dict[str, tuple[tuple[int, int, int], str, dict[str, Any]]] = {}
+        self._locks: dict[str, Any] = {}
 
     def check_dirs(self, create: bool) -> bool:
         """True when every state directory exists (creating them 0700 if asked)."""
@@ -427,11 +575,11 @@ class StateStore:
     def transaction(self, write: bool = True) -> Iterator[StateTransaction]:
         """Hold the state lock for the block; commit changed documents if it ends cleanly.
 
-        write=False is a read-only snapshot: it shares the lock with other readers and
-        creates nothing when there is no state yet."""
+        write=False is a read-only snapshot (its documents are shared with the cache: never
+        modify them): it shares the lock with other readers and creates nothing."""
         if not write:
             with self._shared_hold():
-                yield StateTransaction(self)
+                yield StateTransaction(self, write=False)
             return
         self.check_dirs(create=True)
         with self._exclusive_hold():
@@ -441,54 +589,69 @@ class StateStore:
 
     @contextlib.contextmanager
     def _exclusive_hold(self) -> Iterator[None]:
-        """The state lock, exclusively, through filelock (bounded wait)."""
-        from filelock import FileLock, Timeout
-        lock = FileLock(self.lock_path, timeout=self.settings.lock_timeout, mode=0o600)
+        """Every state lock, exclusively, in path order (bounded wait)."""
+        held: list[Any] = []
         try:
-            lock.acquire()
-        except Timeout:
-            raise self._lock_timeout() from None
-        except OSError as exc:
-            raise ConfigError(f"cannot lock state in {self.settings.state_dir}: "
-                              f"{exc.strerror or exc}") from None
-        try:
+            for path in self.lock_paths:
+                lock = self._file_lock(path)
+                from filelock import Timeout
+                try:
+                    lock.acquire(timeout=self.settings.lock_timeout)
+                except Timeout:
+                    raise self._lock_timeout(path) from None
+                except OSError as exc:
+                    raise ConfigError(f"cannot lock state in {os.path.dirname(path)}: "
+                                      f"{exc.strerror or exc}") from None
+                held.append(lock)
             yield
         finally:
-            lock.release()
+            for lock in reversed(held):
+                lock.release()
+
+    def _file_lock(self, path: str) -> Any:
+        if path not in self._locks:
+            from filelock import FileLock
+            self._locks[path] = FileLock(path, mode=0o600)
+        return self._locks[path]
 
     @contextlib.contextmanager
     def _shared_hold(self) -> Iterator[None]:
-        """The state lock, shared, for readers.
+        """The state locks, shared, for readers.
 
         filelock's Unix lock is flock(LOCK_EX) on the lock file, so a reader taking
         flock(LOCK_SH) on the same file never overlaps a write, and readers never queue
         behind each other. Readers do it directly because importing filelock costs more than
         a whole local command; without flock they take the exclusive lock like writers."""
-        if not self.check_dirs(create=False) and not os.path.isdir(self.settings.state_dir):
-            # No state directory, so no lock file and no writer yet (a writer creates the
-            # directory before it writes); the files, if overridden elsewhere, are whole.
-            yield
-            return
-        fd = self._shared_flock()
-        if fd is None:
+        fds: list[int] = []
+        flock_missing = False
+        try:
+            for path in self.lock_paths:
+                if not os.path.isdir(os.path.dirname(path) or "."):
+                    continue   # no directory, so no writer yet: the files there are whole
+                fd = self._shared_flock(path)
+                if fd is None:
+                    flock_missing = True
+                    break
+                fds.append(fd)
+            if not flock_missing:
+                yield
+        finally:
+            for fd in fds:
+                os.close(fd)          # closing the descriptor releases the flock
+        if flock_missing:
             with self._exclusive_hold():
                 yield
-            return
-        try:
-            yield
-        finally:
-            os.close(fd)          # closing the descriptor releases the flock
 
-    def _shared_flock(self) -> int | None:
-        """A descriptor holding flock(LOCK_SH) on the lock file; None where flock is missing."""
+    def _shared_flock(self, path: str) -> int | None:
+        """A descriptor holding flock(LOCK_SH) on `path`; None where flock is missing."""
         try:
             import fcntl
         except ImportError:
             return None
         try:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
-            raise ConfigError(f"cannot lock state in {self.settings.state_dir}: "
+            raise ConfigError(f"cannot lock state in {os.path.dirname(path)}: "
                               f"{exc.strerror or exc}") from None
         deadline = time.monotonic() + self.settings.lock_timeout
         while True:
@@ -498,20 +661,55 @@ class StateStore:
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     os.close(fd)
-                    raise self._lock_timeout() from None
-                time.sleep(0.01)
+                    raise self._lock_timeout(path) from None
+                time.sleep(0.002)
             except OSError:             # a filesystem without flock (some NFS, FUSE)
                 os.close(fd)
                 return None
 
-    def _lock_timeout(self) -> ConfigError:
-        return ConfigError(f"state lock {self.lock_path} held by another process for more "
+    def _lock_timeout(self, path: str) -> ConfigError:
+        return ConfigError(f"state lock {path} held by another process for more "
                            f"than {_fmt_num(self.settings.lock_timeout)} s "
                            "(GEMINI_ROUTER_LOCK_TIMEOUT)")
 
-    def load(self, name: str) -> tuple[str | None, dict[str, Any]]:
-        """(raw text, document). A missing file is empty; a corrupt one is set aside."""
+    @contextlib.contextmanager
+    def listing_hold(self) -> Iterator[None]:
+        """A lock of its own around listing models, so processes starting together list
+        once. It is held across a network call, so it is never the state lock."""
+        self.check_dirs(create=True)
+        path = os.path.join(os.path.dirname(self.paths["router"]) or ".", "models.lock")
+        lock = self._file_lock(path)
+        try:
+            lock.acquire(timeout=self.settings.timeout + self.settings.lock_timeout)
+        except OSError:
+            yield          # a stuck lister must not stop this process from listing itself
+            return
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def _signature(self, path: str) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise ConfigError(f"cannot read state file {path}: {exc.strerror or exc}") from None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def load(self, name: str, write: bool = True) -> tuple[str | None, dict[str, Any]]:
+        """(raw text, document). A missing file is empty; an unusable one is set aside; bad
+        entries are dropped with a warning. For readers (write=False) the document is the
+        cached one, shared: it must not be modified."""
         path = self.paths[name]
+        sig = self._signature(path)
+        if sig is None:
+            self._cache.pop(name, None)
+            return None, empty_doc(name)
+        cached = self._cache.get(name)
+        if cached is not None and cached[0] == sig:
+            return cached[1], (cached[2] if not write else _copy(cached[2]))
         try:
             with open(path, "rb") as f:
                 raw = f.read()
@@ -519,6 +717,15 @@ class StateStore:
             return None, empty_doc(name)
         except OSError as exc:
             raise ConfigError(f"cannot read state file {path}: {exc.strerror or exc}") from None
+        text, doc = self._parse(name, raw, write)
+        if text is not None:
+            self._cache[name] = (sig, text, doc)      # sanitized; shared by readers
+            if write:
+                doc = _copy(doc)
+        return text, doc
+
+    def _parse(self, name: str, raw: bytes, write: bool) -> tuple[str | None, dict[str, Any]]:
+        path = self.paths[name]
         try:
             doc = json.loads(raw, parse_constant=_reject_constant)
         except (ValueError, RecursionError):
@@ -533,19 +740,42 @@ class StateStore:
                               "point STATS_FILE/STATE_FILE/COOLDOWN_FILE elsewhere")
         if version != SCHEMA_VERSION:
             return None, self.set_aside(name, f"has an unsupported schema ({version!r})")
-        if not doc_shape_ok(name, doc):
+        sanitized = sanitize_doc(name, doc)
+        if sanitized is None:
             return None, self.set_aside(name, "has an unexpected shape")
-        return raw.decode("utf-8", "replace"), doc
+        clean, dropped = sanitized
+        if dropped:
+            kept = self.keep_copy(name) if write else None
+            warn(f"state file {path}: dropped {dropped} unreadable entr"
+                 f"{'y' if dropped == 1 else 'ies'}, kept the rest"
+                 + (f" (original saved as {os.path.basename(kept)})" if kept else ""))
+            return None, clean
+        return raw.decode("utf-8", "replace"), clean
+
+    def _aside_name(self, name: str) -> str:
+        path = self.paths[name]
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        target, n = f"{path}.corrupt-{stamp}", 1
+        while os.path.lexists(target):
+            n += 1
+            target = f"{path}.corrupt-{stamp}-{n}"
+        return target
+
+    def keep_copy(self, name: str) -> str | None:
+        """Copy a file with bad entries aside before its cleaned version replaces it."""
+        import shutil
+        target = self._aside_name(name)
+        try:
+            shutil.copy2(self.paths[name], target)
+        except OSError:
+            return None
+        return target
 
     def set_aside(self, name: str, why: str) -> dict[str, Any]:
         """Keep a bad file for the user to inspect, and start that document afresh."""
         path = self.paths[name]
-        stamp = time.strftime("%Y%m%dT%H%M%S")
-        target = f"{path}.corrupt-{stamp}"
-        n = 1
-        while os.path.lexists(target):
-            n += 1
-            target = f"{path}.corrupt-{stamp}-{n}"
+        target = self._aside_name(name)
+        self._cache.pop(name, None)
         try:
             os.replace(path, target)
         except FileNotFoundError:
@@ -557,14 +787,14 @@ class StateStore:
              "afresh")
         return empty_doc(name)
 
-    def write(self, name: str, text: str) -> None:
-        """Replace a state file atomically: temp file, fsync, rename."""
+    def write(self, name: str, text: str, doc: dict[str, Any] | None = None) -> None:
+        """Replace a state file atomically: a temp file of this writer's own, fsync, rename."""
         path = self.paths[name]
-        # Writes happen only under the exclusive lock, so one fixed temp name suffices; a
-        # crash's leftover is simply overwritten by the next write.
-        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+        tmp = os.path.join(os.path.dirname(path),
+                           f".{os.path.basename(path)}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+        self._cache.pop(name, None)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with open(fd, "wb") as f:
                 f.write(text.encode())
                 f.flush()
@@ -574,6 +804,9 @@ class StateStore:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise ConfigError(f"cannot write state file {path}: {exc.strerror or exc}") from None
+        sig = self._signature(path)
+        if sig is not None and doc is not None:
+            self._cache[name] = (sig, text, json.loads(text))
 
 
 # ======================================================================================
@@ -610,9 +843,8 @@ def bare_model(name: str) -> str:
 
 @dataclass
 class Outcome:
-    """What one upstream call came to. `kind` decides what `record_outcome` and the route do."""
-    kind: str                    # ok | blocked | rate_limited | daily_quota | key_invalid |
-    #                              model_unavailable | transient | bad_request | unreachable
+    """What one upstream call came to. `kind` is a row of OUTCOME_RULES."""
+    kind: str
     detail: str = ""
     retry_after: float | None = None
     text: str = ""
@@ -620,18 +852,128 @@ class Outcome:
     prompt_tokens: int = 0
     output_tokens: int = 0
     total_tokens: int = 0
+    thought_tokens: int = 0
     partial: bool = False        # a stream failed after some of its text was printed
+    limits: dict[str, int] = field(default_factory=dict)   # learned: {"rpm"|"rpd"|"tpm": N}
+    status: int = 0              # the HTTP status, when there was one
+    body: Any = None             # the upstream's JSON answer or error, as received
 
     @property
     def answered(self) -> bool:
         return self.kind in ("ok", "blocked")
 
+    @property
+    def rule(self) -> OutcomeRule:
+        return OUTCOME_RULES[self.kind]
+
+
+@dataclass(frozen=True)
+class OutcomeRule:
+    """What an outcome means and what follows from it (see OUTCOME_RULES)."""
+    scope: str | None      # what it cools: pair | project_model | project; or disables:
+    #                        key | project_keys; None = nothing
+    length: str | None     # how long: retry | midnight | long | no_quota | transient | check
+    sample: bool | None    # a model sample counting as success (True) / failure (False)
+    route: str             # answer | next (key or model) | next_model | retry_once | end
+    exit_code: int         # the exit code when a route ends on it
+    words: str             # what it means, in a user's words
+
+
+# The one table of what every upstream outcome means. A failure that says nothing about the
+# model (quota, keys, the request, the caller) writes no sample; transient failures count
+# against the (key, model) pair they happened on.
+OUTCOME_RULES: dict[str, OutcomeRule] = {
+    "ok": OutcomeRule(None, None, True, "answer", 0, "answered"),
+    "blocked": OutcomeRule(None, None, True, "end", 1, "blocked for safety"),
+    "empty": OutcomeRule(None, None, False, "next", 1, "an empty answer"),
+    "thinking_exhausted": OutcomeRule(None, None, None, "next_model", 1,
+                                      "spent the whole output budget thinking"),
+    "recitation": OutcomeRule(None, None, None, "retry_once", 1, "stopped for recitation"),
+    "rate_limited": OutcomeRule("project_model", "retry", None, "next", 4, "rate limited"),
+    "daily_quota": OutcomeRule("project_model", "midnight", None, "next", 4, "daily quota spent"),
+    "no_quota": OutcomeRule("project_model", "no_quota", None, "next", 4,
+                            "no free-tier quota for this model on this project"),
+    "capacity": OutcomeRule("pair", "retry", None, "next", 4,
+                            "rate limited without details (quota or shared capacity)"),
+    "credits": OutcomeRule("project", "long", None, "next", 4,
+                           "prepayment credits depleted on this project"),
+    "billing": OutcomeRule("project", "long", None, "next", 4, "this project needs billing"),
+    "location": OutcomeRule(None, None, None, "end", 1,
+                            "the Gemini API is not available in this location"),
+    "key_invalid": OutcomeRule("key", None, None, "next", 4, "API key not valid"),
+    "key_refused": OutcomeRule("key", None, None, "next", 4, "API key refused"),
+    "project_refused": OutcomeRule("project_keys", None, None, "next", 4,
+                                   "this key's project is refused"),
+    "no_access": OutcomeRule("pair", "long", None, "next", 4,
+                             "this key has no access to this model"),
+    "model_cannot": OutcomeRule(None, None, None, "next_model", 1,
+                                "this model cannot take this request"),
+    "bad_request": OutcomeRule(None, None, None, "end", 1, "the request was refused"),
+    "model_missing": OutcomeRule("pair", "check", None, "next_model", 4, "model not found"),
+    "model_retired": OutcomeRule("project_model", "no_quota", None, "next", 4,
+                                 "this model is no longer available to this project"),
+    "transient": OutcomeRule("pair", "transient", False, "next", 4, "server error"),
+    "unreachable": OutcomeRule(None, None, None, "end", 4, "endpoint unreachable"),
+    "not_gemini": OutcomeRule(None, None, None, "end", 3, "the endpoint is not a Gemini API"),
+}
 
 # Which outcomes say something about the model (and so count in its success rate).
-MODEL_VERDICTS = {"ok": True, "blocked": True, "bad_request": True,
-                  "transient": False, "model_unavailable": False}
-BLOCKING_FINISH = {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII",
-                   "IMAGE_SAFETY", "LANGUAGE"}
+MODEL_VERDICTS = {kind: rule.sample for kind, rule in OUTCOME_RULES.items()
+                  if rule.sample is not None}
+# Quota kinds: a route that ends with only these blocking it is "rate limited" (HTTP 429).
+QUOTA_KINDS = {"rate_limited", "daily_quota", "no_quota", "capacity", "credits", "ceiling",
+               "limit"}
+
+# Upstream errors, first match wins: (HTTP status, ErrorInfo reason, words in the message)
+# -> outcome kind. "*" as reason: any reason present; None: not looked at. 429s are read by
+# `quota_outcome` (QuotaFailure violations) before this table.
+ERROR_TABLE: tuple[tuple[int, str | None, str | None, str], ...] = (
+    (400, "API_KEY_INVALID", None, "key_invalid"),
+    (400, None, "user location is not supported", "location"),
+    (400, None, "free tier is not available", "billing"),
+    (400, None, "billing account", "billing"),
+    (400, None, "enable billing", "billing"),
+    (400, None, "developer instruction is not enabled", "model_cannot"),
+    (400, None, "exceeds the maximum number of tokens", "model_cannot"),
+    (400, None, "thinking is not supported", "model_cannot"),
+    (400, None, "only works in thinking mode", "model_cannot"),
+    (400, None, None, "bad_request"),
+    (401, None, None, "key_invalid"),
+    (403, None, "reported as leaked", "key_refused"),
+    (403, "API_KEY_INVALID", None, "key_invalid"),
+    (403, "CONSUMER_SUSPENDED", None, "project_refused"),
+    (403, "SERVICE_DISABLED", None, "project_refused"),
+    (403, "*", None, "key_refused"),
+    (403, None, None, "no_access"),
+    (404, None, "no longer available to new users", "model_retired"),
+    (404, None, None, "model_missing"),
+    (408, None, None, "transient"),
+    (409, None, None, "transient"),
+    (429, None, "prepayment credits are depleted", "credits"),
+    (429, None, None, "capacity"),
+)
+
+FINISH_NAMES = ("FINISH_REASON_UNSPECIFIED", "STOP", "MAX_TOKENS", "SAFETY", "RECITATION",
+                "OTHER", "LANGUAGE", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII",
+                "MALFORMED_FUNCTION_CALL", "IMAGE_SAFETY", "UNEXPECTED_TOOL_CALL")
+BLOCK_NAMES = ("BLOCK_REASON_UNSPECIFIED", "SAFETY", "OTHER", "BLOCKLIST",
+               "PROHIBITED_CONTENT", "IMAGE_SAFETY")
+BLOCKING_FINISH = {"SAFETY", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY",
+                   "LANGUAGE"}
+
+
+def enum_name(value: Any, names: tuple[str, ...]) -> str:
+    """An enum as received: its name when known, else the number or name itself ('' = unset).
+
+    The SDK asks for integer enums; values newer than this table stay numbers."""
+    if isinstance(value, bool) or value is None:
+        return ""
+    if isinstance(value, int):
+        if value == 0:
+            return ""
+        return names[value] if 0 < value < len(names) else str(value)
+    text = str(value)
+    return "" if text in (names[0], "") else text
 
 
 def _parse_duration(value: Any) -> float | None:
@@ -644,46 +986,555 @@ def _parse_duration(value: Any) -> float | None:
     return None
 
 
-def outcome_from_error(exc: BaseException, settings: Settings) -> Outcome:
-    """Classify an exception from the SDK or its HTTP layer, with a short, redacted detail."""
-    outcome = _classify_error(exc, settings.timeout)
-    # Redact before shortening: a cut could leave part of a key that redact() won't match.
-    outcome.detail = _one_line(redact(outcome.detail, settings.keys), 300)
+def _one_line(value: Any, limit: int | None = None) -> str:
+    """Whitespace folded to single spaces; cut to `limit` characters when given."""
+    text = " ".join(str(value).split())
+    return text if limit is None or len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _details(error: dict[str, Any], suffix: str) -> list[dict[str, Any]]:
+    return [d for d in error.get("details") or [] if isinstance(d, dict)
+            and str(d.get("@type", "")).endswith(suffix)]
+
+
+QUOTA_WINDOWS = (("InputTokens", "tpm", "input tokens per minute"),
+                 ("PerDay", "rpd", "requests per day"),
+                 ("PerMinute", "rpm", "requests per minute"))
+
+
+def _quota_window(quota_id: str) -> tuple[str, str]:
+    """('rpm'|'rpd'|'tpm', words) for a quotaId; per-day wins over per-minute tokens."""
+    if "PerDay" in quota_id:
+        return "rpd", "requests per day"
+    for marker, window, words in QUOTA_WINDOWS:
+        if marker in quota_id:
+            return window, words
+    return "rpm", "requests per minute"
+
+
+def quota_outcome(error: dict[str, Any], message: str) -> Outcome | None:
+    """A 429 read from its QuotaFailure violations; None when it carries none.
+
+    Classified by quotaId, not by retryDelay: a per-day violation has been seen with
+    retryDelay "36s" - retrying then would only waste calls."""
+    violations = [v for d in _details(error, "google.rpc.QuotaFailure")
+                  for v in d.get("violations") or [] if isinstance(v, dict)]
+    if not violations:
+        return None
+    delay = next((_parse_duration(d.get("retryDelay"))
+                  for d in _details(error, "google.rpc.RetryInfo")), None)
+    limits: dict[str, int] = {}
+    for v in violations:
+        window, _ = _quota_window(str(v.get("quotaId", "")))
+        with contextlib.suppress(TypeError, ValueError):
+            limits[window] = min(limits.get(window, 1 << 62), int(v.get("quotaValue")))
+    first = str(violations[0].get("quotaId", ""))
+    if not limits and "limit: 0" in message or limits and not any(limits.values()):
+        return Outcome("no_quota", f"no free-tier quota for this model on this project "
+                                   f"(limit: 0, {first})", limits={})
+    daily = [str(v.get("quotaId", "")) for v in violations
+             if "PerDay" in str(v.get("quotaId", ""))]
+    quota_id = daily[0] if daily else first
+    window, words = _quota_window(quota_id)
+    limit = f"{limits[window]} {words}" if window in limits else words
+    if daily:
+        return Outcome("daily_quota", f"daily quota spent: {limit} on this project "
+                                      f"({quota_id}); resets at midnight Pacific",
+                       delay, limits=limits)
+    when = f"; retry in {_fmt_num(delay, 1)} s" if delay is not None else ""
+    return Outcome("rate_limited", f"rate limited: {limit} on this project ({quota_id}){when}",
+                   delay, limits=limits)
+
+
+def classify_http(status: int, body: Any, content_type: str = "") -> Outcome:
+    """An upstream HTTP failure (status >= 300) as an outcome: the ERROR_TABLE rows.
+
+    `body` is the parsed JSON (None when the body was not JSON)."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        if status in (400, 401, 403, 404, 405) or 200 <= status < 300:
+            kind = (content_type.split(";")[0].strip() or "no content type")
+            return Outcome("not_gemini", f"HTTP {status} with a {kind} body, not a Gemini "
+                                         f"API error", status=status)
+        if status == 429:
+            return Outcome("capacity", "rate limited without details (HTTP 429)",
+                           status=status)
+        return Outcome("transient", f"server error (HTTP {status}, not a Gemini API answer)",
+                       status=status)
+    message = _one_line(error.get("message") or error.get("status") or f"HTTP {status}")
+    reason = next((str(d["reason"]) for d in _details(error, "google.rpc.ErrorInfo")
+                   if d.get("reason")), None)
+    outcome = quota_outcome(error, message) if status == 429 else None
+    if outcome is None:
+        lowered = message.lower()
+        kind = "transient" if status >= 500 else "bad_request"
+        for code, want_reason, words, row_kind in ERROR_TABLE:
+            if code != status or (words is not None and words not in lowered):
+                continue
+            if want_reason == "*" and reason is None or \
+                    want_reason not in (None, "*") and want_reason != reason:
+                continue
+            kind = row_kind
+            break
+        words = OUTCOME_RULES[kind].words
+        if kind == "transient":
+            words = f"server error (HTTP {status})"
+        elif kind in ("key_invalid", "key_refused", "project_refused", "bad_request"):
+            words += f" ({reason or f'HTTP {status}'})"
+        same = message.lower().startswith(OUTCOME_RULES[kind].words.lower())
+        outcome = Outcome(kind, f"{words}: {message}" if not same else
+                          f"{message.rstrip('.')} ({reason or f'HTTP {status}'})")
+    outcome.status, outcome.body = status, body
     return outcome
 
 
-def _classify_error(exc: BaseException, timeout: float) -> Outcome:
-    """The failure table of GEMINI_API_NOTES ('Errors over REST') as outcome kinds."""
+def _answer_parts(candidate: dict[str, Any]) -> tuple[str, str, bool]:
+    """(answer text, thought text, whether any non-text part such as a tool call came)."""
+    content = candidate.get("content") if isinstance(candidate.get("content"), dict) else {}
+    text, thoughts, other = [], [], False
+    for part in content.get("parts") or []:
+        if not isinstance(part, dict):
+            continue
+        piece = part.get("text")
+        if isinstance(piece, str):
+            (thoughts if part.get("thought") else text).append(piece)
+        elif part:
+            other = True
+    return "".join(text), "".join(thoughts), other
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def outcome_from_body(body: Any, streamed: bool = False) -> Outcome:
+    """Classify a 200 generateContent answer (or a stream's elements merged) from its JSON."""
+    if not isinstance(body, dict):
+        return Outcome("transient", "malformed answer (not a JSON object)", status=200)
+    usage = body.get("usageMetadata") if isinstance(body.get("usageMetadata"), dict) else {}
+    prompt, output = _int(usage.get("promptTokenCount")), _int(usage.get("candidatesTokenCount"))
+    total = _int(usage.get("totalTokenCount"))
+    thoughts = _int(usage.get("thoughtsTokenCount")) or max(
+        0, total - prompt - output - _int(usage.get("toolUsePromptTokenCount")))
+    tokens = dict(prompt_tokens=prompt, output_tokens=output, total_tokens=total,
+                  thought_tokens=thoughts, status=200, body=body)
+    candidates = [c for c in body.get("candidates") or [] if isinstance(c, dict)]
+    if not candidates:
+        feedback = body.get("promptFeedback") if isinstance(body.get("promptFeedback"),
+                                                            dict) else {}
+        block = enum_name(feedback.get("blockReason"), BLOCK_NAMES)
+        if block:
+            return Outcome("blocked", f"prompt blocked ({block})", finish_reason=block,
+                           **tokens)
+        return Outcome("transient", "answer had no candidates", **tokens)
+    text, _, other = _answer_parts(candidates[0])
+    finish = enum_name(candidates[0].get("finishReason"), FINISH_NAMES)
+    if finish in BLOCKING_FINISH:
+        return Outcome("blocked", f"answer stopped for {finish}", text=text,
+                       finish_reason=finish, **tokens)
+    if finish == "RECITATION":
+        return Outcome("recitation", "answer stopped for RECITATION (quoting a source)",
+                       text=text, finish_reason=finish, **tokens)
+    if streamed and not finish:
+        # The SDK swallows an {"error": ...} element inside a 200 stream; a stream that ends
+        # without a finish reason is a failed call.
+        return Outcome("transient", "stream ended without a finish reason", text=text,
+                       **tokens)
+    if not text and not other:
+        if finish == "MAX_TOKENS" and thoughts:
+            return Outcome("thinking_exhausted", f"spent the whole output budget thinking "
+                           f"({thoughts} thought tokens, no answer): raise -o "
+                           "max_output_tokens or lower -o thinking_budget",
+                           finish_reason=finish, **tokens)
+        return Outcome("empty", f"an empty answer (finish reason {finish or 'none'}, no text)",
+                       finish_reason=finish, **tokens)
+    return Outcome("ok", text=text, finish_reason=finish, **tokens)
+
+
+def merge_stream(elements: list[dict[str, Any]]) -> dict[str, Any]:
+    """A stream's elements folded into one answer shaped like a non-streamed one."""
+    parts: list[Any] = []
+    merged: dict[str, Any] = {}
+    candidate: dict[str, Any] = {}
+    for element in elements:
+        for cand in (element.get("candidates") or [])[:1]:
+            if not isinstance(cand, dict):
+                continue
+            content = cand.get("content") if isinstance(cand.get("content"), dict) else {}
+            parts.extend(content.get("parts") or [])
+            if cand.get("finishReason"):
+                candidate["finishReason"] = cand["finishReason"]
+        for name in ("usageMetadata", "promptFeedback", "modelVersion", "responseId"):
+            if element.get(name):
+                merged[name] = element[name]
+    if parts or candidate:
+        merged["candidates"] = [{**candidate, "content": {"role": "model", "parts": parts}}]
+    return merged
+
+
+class JsonArrayReader:
+    """Complete elements of a streamed JSON array ('[' e1 ',' e2 ... ']'), as they arrive."""
+
+    def __init__(self) -> None:
+        self.buffer = ""
+        self.closed = False
+        self._decoder = json.JSONDecoder()
+        self._bytes: Any = None
+
+    def feed(self, chunk: str | bytes) -> list[Any]:
+        if isinstance(chunk, bytes):
+            if self._bytes is None:
+                import codecs
+                self._bytes = codecs.getincrementaldecoder("utf-8")("replace")
+            chunk = self._bytes.decode(chunk)
+        self.buffer += chunk
+        out: list[Any] = []
+        while True:
+            rest = self.buffer.lstrip(" \t\r\n[,")
+            if rest.startswith("]"):
+                self.closed, self.buffer = True, ""
+                return out
+            try:
+                element, end = self._decoder.raw_decode(rest)
+            except ValueError:
+                self.buffer = rest
+                return out
+            out.append(element)
+            self.buffer = rest[end:]
+
+    @property
+    def leftover(self) -> bool:
+        return bool(self.buffer.strip())
+
+
+class _Tap:
+    """What the SDK's HTTP session received for the current call: the response and, for a
+    stream, its elements as raw JSON (the pinned protos drop fields and flags)."""
+
+    def __init__(self) -> None:
+        self.response: Any = None
+        self.reader = JsonArrayReader()
+        self.pending: list[Any] = []
+
+    def attach(self, response: Any, stream: bool) -> None:
+        self.response = response
+        if not stream:
+            return
+        inner = response.iter_content
+
+        def iter_content(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            for chunk in inner(*args, **kwargs):
+                self.pending.extend(self.reader.feed(chunk))
+                yield chunk
+        response.iter_content = iter_content
+
+    def take(self) -> list[Any]:
+        out, self.pending = self.pending, []
+        return out
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.response.content)
+        except (AttributeError, ValueError, TypeError, RecursionError):
+            return None
+
+
+@dataclass
+class PromptRequest:
+    """What the user asks: built once by the CLI, sent unchanged to every candidate."""
+    text: str
+    system: str | None = None
+    attachments: list[tuple[str, bytes]] = field(default_factory=list)   # (mime, data)
+    options: dict[str, Any] = field(default_factory=dict)                # GenerationConfig
+    schema: dict[str, Any] | None = None                                 # Schema proto dict
+    wire_options: dict[str, Any] = field(default_factory=dict)           # see WIRE_OPTIONS
+
+
+@dataclass(frozen=True)
+class WireRequest:
+    """A built request: the SDK proto, plus generationConfig fields its protos lack."""
+    proto: Any
+    wire_options: dict[str, Any]
+    input_words: int = 0         # a lower bound of its input tokens, to skip small models
+
+
+# The REST transport sends call metadata as HTTP headers; the client's session moves this
+# one into the JSON body (see `_hook_session`).
+WIRE_OPTIONS_HEADER = "x-gemini-router-generation-config"
+
+
+def _import_sdk() -> Any:
+    """The low-level generativelanguage package, imported once, without its noise."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        from google.ai import generativelanguage_v1beta as glm
+    return glm
+
+
+class _StreamError(Exception):
+    """An {"error": ...} element inside a 200 stream."""
+
+    def __init__(self, error: dict[str, Any]):
+        super().__init__(str(error.get("message", "")))
+        self.error = error
+
+
+class GeminiClient:
+    """One REST SDK client per key, built on first use; SDK retries are off. Every call's
+    outcome is classified here, from the raw JSON the upstream sent."""
+
+    MAX_LIST_PAGES = 50
+
+    def __init__(self, settings: Settings):
+        import threading
+        self.settings = settings
+        self._clients: dict[tuple[str, int], Any] = {}
+        self._local = threading.local()
+        self._http: Any = None
+        self.glm = _import_sdk()
+
+    def _client(self, service: str, key: ApiKey) -> Any:
+        """The SDK client of `service` ("GenerativeService"/"ModelService") for this key."""
+        if (service, key.index) not in self._clients:
+            opts = {"api_endpoint": self.settings.endpoint, "api_key": key.secret}
+            client = getattr(self.glm, f"{service}Client")(transport="rest", client_options=opts)
+            # The REST session "refreshes credentials" and resends on a 401, twice; an API
+            # key cannot be refreshed, so that would only triple a refused key's cost.
+            session = getattr(getattr(client, "_transport", None), "_session", None)
+            if session is not None and hasattr(session, "_refresh_status_codes"):
+                session._refresh_status_codes = ()
+            if session is not None:
+                self._hook_session(session)
+            self._clients[service, key.index] = client
+        return self._clients[service, key.index]
+
+    def _hook_session(self, session: Any) -> None:
+        """Let calls add generationConfig fields the pinned protos lack (`seed`, thinking),
+        and let the current call see the raw response (`_Tap`)."""
+        send = session.request
+        local = self._local
+
+        def request(method: str, url: str, data: Any = None, headers: Any = None,
+                    **kwargs: Any) -> Any:
+            extra = headers.pop(WIRE_OPTIONS_HEADER, None) if headers else None
+            if extra is not None and data:
+                body = json.loads(data)
+                config = body.setdefault("generationConfig", {})
+                for name, value in json.loads(extra).items():
+                    if isinstance(value, dict):
+                        config.setdefault(name, {}).update(value)
+                    else:
+                        config[name] = value
+                data = json.dumps(body)
+            response = send(method, url, data=data, headers=headers, **kwargs)
+            tap = getattr(local, "tap", None)
+            if tap is not None:
+                tap.attach(response, bool(kwargs.get("stream")))
+            return response
+        session.request = request
+
+    @property
+    def http(self) -> Any:
+        """A plain HTTP session for calls the protos cannot carry (model list, forwarding)."""
+        if self._http is None:
+            import requests
+            self._http = requests.Session()
+        return self._http
+
+    def build_request(self, prompt: PromptRequest) -> WireRequest:
+        """The request for `prompt`, without a model (`generate` adds it per attempt).
+
+        Built once per prompt, before any call: a value the SDK refuses is the user's
+        mistake (a UsageError), not an upstream failure to route around."""
+        glm = self.glm
+        parts: list[Any] = [glm.Part(inline_data=glm.Blob(mime_type=mime, data=data))
+                            for mime, data in prompt.attachments]
+        parts.append(glm.Part(text=prompt.text))
+        config = dict(prompt.options)
+        if prompt.schema is not None:
+            config["response_mime_type"] = "application/json"
+            config["response_schema"] = prompt.schema
+        try:
+            request = glm.GenerateContentRequest(
+                contents=[glm.Content(role="user", parts=parts)],
+                generation_config=glm.GenerationConfig(**config) if config else None)
+        except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+            raise UsageError(f"the request cannot be built: {_one_line(exc, 200)}") from None
+        if prompt.system:
+            request.system_instruction = glm.Content(parts=[glm.Part(text=prompt.system)])
+        words = len(prompt.text.split()) + len((prompt.system or "").split())
+        return WireRequest(request, dict(prompt.wire_options), words)
+
+    def generate(self, key: ApiKey, model: str, request: WireRequest,
+                 on_text: Callable[[str], None] | None = None,
+                 timeout: float | None = None) -> Outcome:
+        """One upstream call of `request` (from build_request) on `model`, classified.
+
+        With on_text the answer is streamed into it; an error raised by on_text (our own
+        output failing) propagates instead of being blamed on the upstream."""
+        generative = self._client("GenerativeService", key)
+        proto = type(request.proto)(request.proto, model=f"models/{model}")   # a copy per call
+        metadata = ([(WIRE_OPTIONS_HEADER, json.dumps(request.wire_options))]
+                    if request.wire_options else [])
+        timeout = self.settings.timeout if timeout is None else timeout
+        tap = self._local.tap = _Tap()
+        try:
+            if on_text is None:
+                generative.generate_content(proto, timeout=timeout, retry=None,
+                                            metadata=metadata)
+                return outcome_from_body(tap.json())
+            return self._stream(generative, proto, metadata, on_text, timeout, tap)
+        except _OutputFailed as exc:
+            raise exc.error from None
+        except Exception as exc:     # noqa: BLE001 - every failure is classified, none escapes
+            return self.outcome_from_error(exc, timeout)
+        finally:
+            self._local.tap = None
+
+    def _stream(self, generative: Any, proto: Any, metadata: list[tuple[str, str]],
+                on_text: Callable[[str], None], timeout: float, tap: _Tap) -> Outcome:
+        elements: list[Any] = []
+        printed = False
+
+        def consume(new: list[Any]) -> None:
+            nonlocal printed
+            for element in new:
+                if not isinstance(element, dict):
+                    continue
+                if isinstance(element.get("error"), dict):
+                    raise _StreamError(element["error"])
+                elements.append(element)
+                text, _, _ = _answer_parts((element.get("candidates") or [{}])[0]
+                                           if element.get("candidates") else {})
+                if text:
+                    try:
+                        on_text(text)
+                    except Exception as exc:  # noqa: BLE001 - not the upstream's fault
+                        raise _OutputFailed(exc) from None
+                    printed = True
+        try:
+            for _ in generative.stream_generate_content(proto, timeout=timeout, retry=None,
+                                                        metadata=metadata):
+                consume(tap.take())
+            consume(tap.take())
+            if tap.reader.leftover:
+                raise _StreamError({"code": 500, "message": "stream cut off mid-element"})
+        except Exception as exc:     # noqa: BLE001
+            if isinstance(exc, _OutputFailed):
+                raise
+            outcome = self.outcome_from_error(exc, timeout)
+            if printed:
+                outcome.partial = True
+                outcome.detail = f"stream broke after output began: {outcome.detail}"
+            return outcome
+        outcome = outcome_from_body(merge_stream(elements), streamed=True)
+        if printed and outcome.kind != "ok":
+            outcome.partial = True
+            if outcome.kind == "transient":
+                outcome.detail = f"stream broke after output began: {outcome.detail}"
+        return outcome
+
+    def outcome_from_error(self, exc: BaseException, timeout: float | None = None) -> Outcome:
+        """Classify an exception from the SDK or HTTP layer, with a short, redacted detail."""
+        outcome = _classify_exception(exc, self.settings.timeout if timeout is None else timeout)
+        outcome.detail = _one_line(redact(outcome.detail, self.settings.keys), 300)
+        if outcome.kind == "not_gemini":
+            outcome.detail = f"{self.settings.endpoint} is not a Gemini API: {outcome.detail}"
+        return outcome
+
+    def raw(self, key: ApiKey, method: str, path: str, *, body: Any = None,
+            params: dict[str, str] | None = None, timeout: float | None = None,
+            stream: bool = False) -> Any:
+        """One HTTP call to the API (path after /v1beta/) with `key`: a requests Response."""
+        headers = {"x-goog-api-key": key.secret}
+        data = None
+        if body is not None:
+            data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+            headers["content-type"] = "application/json"
+        return self.http.request(method, f"{self.settings.endpoint}/v1beta/{path}",
+                                 params=params, data=data, headers=headers, stream=stream,
+                                 timeout=self.settings.timeout if timeout is None else timeout)
+
+    def outcome_of_response(self, response: Any) -> Outcome | None:
+        """None for a 2xx response, else the classified failure."""
+        if 200 <= response.status_code < 300:
+            return None
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        outcome = classify_http(response.status_code, body,
+                                response.headers.get("content-type", ""))
+        outcome.detail = _one_line(redact(outcome.detail, self.settings.keys), 300)
+        if outcome.kind == "not_gemini":
+            outcome.detail = f"{self.settings.endpoint} is not a Gemini API: {outcome.detail}"
+        return outcome
+
+    def list_models(self, key: ApiKey, timeout: float | None = None
+                    ) -> list[dict[str, Any]] | Outcome:
+        """Every model the key can see (following pages), or the classified failure."""
+        models: list[dict[str, Any]] = []
+        token = ""
+        for _ in range(self.MAX_LIST_PAGES):
+            params = {"pageSize": "1000", **({"pageToken": token} if token else {})}
+            try:
+                response = self.raw(key, "GET", "models", params=params, timeout=timeout)
+            except Exception as exc:     # noqa: BLE001
+                return self.outcome_from_error(exc)
+            failure = self.outcome_of_response(response)
+            if failure is None and not isinstance(_safe_json(response), dict):
+                failure = classify_http(200, None, response.headers.get("content-type", ""))
+            if failure is not None:
+                if failure.kind == "model_missing":
+                    failure.kind = "transient"    # a 404 on the list is the endpoint's problem
+                return failure
+            page = _safe_json(response)
+            models += [model_entry(m) for m in page.get("models") or [] if isinstance(m, dict)
+                       and isinstance(m.get("name"), str)]
+            token = page.get("nextPageToken") or ""
+            if not token:
+                break
+        return models
+
+    def get_model(self, key: ApiKey, model: str, timeout: float | None = None
+                  ) -> dict[str, Any] | Outcome:
+        """The live list's entry for one model, or the classified failure (model_missing =
+        the list confirms it is gone)."""
+        try:
+            response = self.raw(key, "GET", f"models/{model}", timeout=timeout)
+        except Exception as exc:     # noqa: BLE001
+            return self.outcome_from_error(exc)
+        failure = self.outcome_of_response(response)
+        page = _safe_json(response)
+        if failure is None and isinstance(page, dict) and isinstance(page.get("name"), str):
+            return model_entry(page)
+        return failure or Outcome("transient", "malformed model entry")
+
+
+def _safe_json(response: Any) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+def _classify_exception(exc: BaseException, timeout: float) -> Outcome:
+    """An exception from the SDK or its HTTP layer as an outcome (see classify_http)."""
     from google.api_core import exceptions as gx
     import requests
+    if isinstance(exc, _StreamError):
+        code = exc.error.get("code")
+        return classify_http(code if isinstance(code, int) and code >= 400 else 500,
+                             {"error": exc.error})
     if isinstance(exc, gx.GoogleAPICallError):
-        code = int(exc.code) if exc.code is not None else 0
-        details = [d for d in (exc.details or []) if isinstance(d, dict)]
-        message = _upstream_message(exc)
-        infos = [d for d in details if d.get("@type", "").endswith("google.rpc.ErrorInfo")]
-        reason = next((d.get("reason") for d in infos if d.get("reason")), None)
-        if code == 429:
-            quota_ids = [v.get("quotaId", "") for d in details
-                         if d.get("@type", "").endswith("google.rpc.QuotaFailure")
-                         for v in d.get("violations", []) if isinstance(v, dict)]
-            delay = next((_parse_duration(d.get("retryDelay")) for d in details
-                          if d.get("@type", "").endswith("google.rpc.RetryInfo")), None)
-            # Classify by quotaId, not by retryDelay: a per-day violation has been seen
-            # carrying retryDelay "36s" - retrying then would only waste calls.
-            daily = [q for q in quota_ids if "PerDay" in q]
-            if daily:
-                return Outcome("daily_quota", f"daily quota exhausted ({daily[0]})", delay)
-            what = quota_ids[0] if quota_ids else "429 RESOURCE_EXHAUSTED"
-            return Outcome("rate_limited", f"rate limited ({what})", delay)
-        if code == 400 and reason == "API_KEY_INVALID":
-            return Outcome("key_invalid", "API key not valid (API_KEY_INVALID)")
-        if code in (401, 403):
-            return Outcome("key_invalid", f"key refused: HTTP {code} {reason or message}")
-        if code == 404:
-            return Outcome("model_unavailable", f"model not found: {message}")
-        if code >= 500 or code == 408:
-            return Outcome("transient", f"HTTP {code}: {message}")
-        return Outcome("bad_request", f"HTTP {code}: {message}")
+        response = getattr(exc, "response", None)
+        body = _safe_json(response) if response is not None else None
+        content_type = response.headers.get("content-type", "") if response is not None else ""
+        code = int(exc.code) if exc.code is not None else 500
+        if body is None and response is None:      # no HTTP body at hand: the SDK's words
+            body = {"error": {"message": _upstream_message(exc), "details": exc.details or []}}
+        return classify_http(code, body, content_type)
     # ConnectTimeout is both a ConnectionError and a Timeout: connection first, so an
     # endpoint that never accepts is "unreachable", not a slow model.
     if isinstance(exc, requests.exceptions.ConnectionError):
@@ -692,7 +1543,7 @@ def _classify_error(exc: BaseException, timeout: float) -> Outcome:
             return Outcome("unreachable", reason)
         return Outcome("transient", f"connection broken: {_one_line(exc)}")
     if isinstance(exc, requests.exceptions.Timeout):
-        return Outcome("transient", f"no answer within {_fmt_num(timeout)} s (timeout)")
+        return Outcome("transient", f"no answer within {timeout:.3g} s (timeout)")
     # Anything else (an empty or malformed 200 body the SDK cannot parse, a broken stream) is
     # the server's fault, not the request's.
     return Outcome("transient", f"malformed response ({type(exc).__name__}: {_one_line(exc)})")
@@ -723,206 +1574,8 @@ def _connect_failure(exc: BaseException) -> str | None:
 
 def _upstream_message(exc: Any) -> str:
     """The server's own error message, without the SDK's 'POST http://... :' prefix."""
-    with contextlib.suppress(Exception):
-        body = exc.response.json()
-        message = body["error"]["message"]
-        if isinstance(message, str) and message:
-            return _one_line(message)
     text = str(getattr(exc, "message", "") or exc)
     return _one_line(text.split(": ", 1)[1] if text.startswith(("POST ", "GET ")) else text)
-
-
-def _one_line(value: Any, limit: int | None = None) -> str:
-    """Whitespace folded to single spaces; cut to `limit` characters when given."""
-    text = " ".join(str(value).split())
-    return text if limit is None or len(text) <= limit else text[: limit - 1] + "…"
-
-
-def outcome_from_response(response: Any, streamed: bool = False) -> Outcome:
-    """Classify a (possibly merged streamed) GenerateContentResponse proto."""
-    usage = response.usage_metadata
-    tokens = dict(prompt_tokens=int(usage.prompt_token_count),
-                  output_tokens=int(usage.candidates_token_count),
-                  total_tokens=int(usage.total_token_count))
-    feedback = response.prompt_feedback
-    if not response.candidates:
-        if feedback and int(feedback.block_reason):
-            reason = type(feedback.block_reason)(feedback.block_reason).name
-            return Outcome("blocked", f"prompt blocked ({reason})", finish_reason=reason,
-                           **tokens)
-        return Outcome("transient", "response had no candidates", **tokens)
-    candidate = response.candidates[0]
-    text = "".join(part.text for part in candidate.content.parts if part.text)
-    finish = type(candidate.finish_reason)(candidate.finish_reason).name
-    if finish in BLOCKING_FINISH:
-        return Outcome("blocked", f"answer stopped for {finish}", text=text,
-                       finish_reason=finish, **tokens)
-    if finish == "FINISH_REASON_UNSPECIFIED" and streamed:
-        # The SDK swallows an {"error": ...} element inside a 200 stream: the only trace is
-        # a stream that ends without a finish reason.
-        return Outcome("transient", "stream ended without a finish reason", text=text, **tokens)
-    return Outcome("ok", text=text, finish_reason=finish, **tokens)
-
-
-@dataclass
-class PromptRequest:
-    """What the user asks: built once by the CLI, sent unchanged to every candidate."""
-    text: str
-    system: str | None = None
-    attachments: list[tuple[str, bytes]] = field(default_factory=list)   # (mime, data)
-    options: dict[str, Any] = field(default_factory=dict)                # GenerationConfig
-    schema: dict[str, Any] | None = None                                 # Schema proto dict
-    wire_options: dict[str, Any] = field(default_factory=dict)           # see WIRE_OPTIONS
-
-
-@dataclass(frozen=True)
-class WireRequest:
-    """A built request: the SDK proto, plus generationConfig fields its protos lack."""
-    proto: Any
-    wire_options: dict[str, Any]
-
-
-# The REST transport sends call metadata as HTTP headers; the client's session moves this
-# one into the JSON body (see `_send_wire_options`).
-WIRE_OPTIONS_HEADER = "x-gemini-router-generation-config"
-
-
-def _import_sdk() -> Any:
-    """The low-level generativelanguage package, imported once, without its noise."""
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        from google.ai import generativelanguage_v1beta as glm
-    return glm
-
-
-class GeminiClient:
-    """One REST SDK client pair per key, built on first use; SDK retries are off."""
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self._clients: dict[tuple[str, int], Any] = {}
-        self.glm = _import_sdk()
-
-    def _client(self, service: str, key: ApiKey) -> Any:
-        """The SDK client of `service` ("GenerativeService"/"ModelService") for this key."""
-        if (service, key.index) not in self._clients:
-            opts = {"api_endpoint": self.settings.endpoint, "api_key": key.secret}
-            client = getattr(self.glm, f"{service}Client")(transport="rest", client_options=opts)
-            # The REST session "refreshes credentials" and resends on a 401, twice; an API
-            # key cannot be refreshed, so that would only triple a refused key's cost.
-            session = getattr(getattr(client, "_transport", None), "_session", None)
-            if session is not None and hasattr(session, "_refresh_status_codes"):
-                session._refresh_status_codes = ()
-            if session is not None:
-                _send_wire_options(session)
-            self._clients[service, key.index] = client
-        return self._clients[service, key.index]
-
-    def build_request(self, prompt: PromptRequest) -> WireRequest:
-        """The request for `prompt`, without a model (`generate` adds it per attempt).
-
-        Built once per prompt, before any call: a value the SDK refuses is the user's
-        mistake (a UsageError), not an upstream failure to route around."""
-        glm = self.glm
-        parts: list[Any] = [glm.Part(inline_data=glm.Blob(mime_type=mime, data=data))
-                            for mime, data in prompt.attachments]
-        parts.append(glm.Part(text=prompt.text))
-        config = dict(prompt.options)
-        if prompt.schema is not None:
-            config["response_mime_type"] = "application/json"
-            config["response_schema"] = prompt.schema
-        try:
-            request = glm.GenerateContentRequest(
-                contents=[glm.Content(role="user", parts=parts)],
-                generation_config=glm.GenerationConfig(**config) if config else None)
-        except (ValueError, TypeError, OverflowError, RecursionError) as exc:
-            raise UsageError(f"the request cannot be built: {_one_line(exc, 200)}") from None
-        if prompt.system:
-            request.system_instruction = glm.Content(parts=[glm.Part(text=prompt.system)])
-        return WireRequest(request, dict(prompt.wire_options))
-
-    def generate(self, key: ApiKey, model: str, request: WireRequest,
-                 on_text: Callable[[str], None] | None = None) -> Outcome:
-        """One upstream call of `request` (from build_request) on `model`, classified.
-
-        With on_text the answer is streamed into it; an error raised by on_text (our own
-        output failing) propagates instead of being blamed on the upstream."""
-        generative = self._client("GenerativeService", key)
-        proto = type(request.proto)(request.proto, model=f"models/{model}")   # a copy per call
-        metadata = ([(WIRE_OPTIONS_HEADER, json.dumps(request.wire_options))]
-                    if request.wire_options else [])
-        try:
-            if on_text is None:
-                response = generative.generate_content(proto, timeout=self.settings.timeout,
-                                                       retry=None, metadata=metadata)
-                return outcome_from_response(response)
-            return self._stream(generative, proto, metadata, on_text)
-        except _OutputFailed as exc:
-            raise exc.error from None
-        except Exception as exc:     # noqa: BLE001 - every failure is classified, none escapes
-            return outcome_from_error(exc, self.settings)
-
-    def _stream(self, generative: Any, proto: Any, metadata: list[tuple[str, str]],
-                on_text: Callable[[str], None]) -> Outcome:
-        merged = self.glm.GenerateContentResponse()
-        printed = False
-        try:
-            for chunk in generative.stream_generate_content(
-                    proto, timeout=self.settings.timeout, retry=None, metadata=metadata):
-                piece = "".join(p.text for c in chunk.candidates[:1] for p in c.content.parts)
-                if piece:
-                    try:
-                        on_text(piece)
-                    except Exception as exc:  # noqa: BLE001 - not the upstream's fault
-                        raise _OutputFailed(exc) from None
-                    printed = True
-                merged = _merge_chunk(self.glm, merged, chunk)
-        except Exception as exc:     # noqa: BLE001
-            if not printed or isinstance(exc, _OutputFailed):
-                raise
-            outcome = outcome_from_error(exc, self.settings)
-            outcome.kind = "transient"   # text already went out: the call as a whole failed
-            outcome.detail = f"stream broke after output began: {outcome.detail}"
-            outcome.partial = True
-            return outcome
-        outcome = outcome_from_response(merged, streamed=True)
-        if printed and outcome.kind != "ok":
-            outcome.partial = True
-            if outcome.kind == "transient":
-                outcome.detail = f"stream broke after output began: {outcome.detail}"
-        return outcome
-
-    def list_models(self, key: ApiKey) -> list[dict[str, Any]] | Outcome:
-        """Every model the key can see (following pages), or the classified failure."""
-        models = self._client("ModelService", key)
-        try:
-            pager = models.list_models(self.glm.ListModelsRequest(page_size=1000),
-                                       timeout=self.settings.timeout, retry=None)
-            return [model_entry(m) for m in pager]
-        except Exception as exc:     # noqa: BLE001
-            outcome = outcome_from_error(exc, self.settings)
-            if outcome.kind == "model_unavailable":
-                outcome.kind = "transient"      # a 404 on the list is the endpoint's problem
-            return outcome
-
-
-def _send_wire_options(session: Any) -> None:
-    """Let calls add generationConfig fields the pinned protos lack (`seed`).
-
-    Such a call carries them in the WIRE_OPTIONS_HEADER metadata; this moves them from the
-    header into the JSON body just before the request leaves this session."""
-    send = session.request
-
-    def request(method: str, url: str, data: Any = None, headers: Any = None,
-                **kwargs: Any) -> Any:
-        extra = headers.pop(WIRE_OPTIONS_HEADER, None) if headers else None
-        if extra is not None and data:
-            body = json.loads(data)
-            body.setdefault("generationConfig", {}).update(json.loads(extra))
-            data = json.dumps(body)
-        return send(method, url, data=data, headers=headers, **kwargs)
-    session.request = request
 
 
 class _OutputFailed(Exception):
@@ -933,32 +1586,16 @@ class _OutputFailed(Exception):
         self.error = error
 
 
-def _merge_chunk(glm: Any, merged: Any, chunk: Any) -> Any:
-    """Fold one streamed chunk into a response that looks like a non-streamed one."""
-    if chunk.candidates:
-        cand = chunk.candidates[0]
-        if not merged.candidates:
-            merged.candidates.append(glm.Candidate(content=glm.Content(role="model")))
-        target = merged.candidates[0]
-        for part in cand.content.parts:
-            if part.text:
-                target.content.parts.append(glm.Part(text=part.text))
-        if int(cand.finish_reason):
-            target.finish_reason = cand.finish_reason
-    if chunk.prompt_feedback and int(chunk.prompt_feedback.block_reason):
-        merged.prompt_feedback = chunk.prompt_feedback
-    if chunk.usage_metadata and int(chunk.usage_metadata.total_token_count):
-        merged.usage_metadata = chunk.usage_metadata
-    return merged
-
-
-def model_entry(model: Any) -> dict[str, Any]:
+def model_entry(model: dict[str, Any]) -> dict[str, Any]:
     """The part of a models-list entry the router keeps (in the router state's cache)."""
-    name = bare_model(model.name)
-    methods = list(model.supported_generation_methods)
-    return {"name": name, "display_name": model.display_name,
-            "input_limit": int(model.input_token_limit),
-            "output_limit": int(model.output_token_limit), "methods": methods}
+    def limit(name: str) -> int:
+        value = model.get(name)
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+    methods = [m for m in model.get("supportedGenerationMethods") or [] if isinstance(m, str)]
+    return {"name": bare_model(model["name"]), "display_name": str(model.get("displayName", "")),
+            "input_limit": limit("inputTokenLimit"), "output_limit": limit("outputTokenLimit"),
+            "methods": methods, "version": str(model.get("version", "")),
+            "thinking": model.get("thinking") is True}
 
 
 def text_model_names(models: list[dict[str, Any]]) -> list[str]:
@@ -973,8 +1610,12 @@ def is_text_model(name: str, methods: list[str]) -> bool:
 
 
 # ======================================================================================
-# Outcomes -> samples, cooldowns and disabled keys (the one path for route, rank, listing)
+# Outcomes -> samples, cooldowns, learned limits and disabled keys
 # ======================================================================================
+# `record_outcome` is the only code that turns an outcome into state, for route, rank and
+# model listing alike; `StateView` is the only code that reads it back to decide whether a
+# (key, model) pair may be called. Scopes follow Google's: quotas belong to a project (every
+# key of it on that model), transient failures to the (key, model) pair they happened on.
 
 def next_pacific_midnight(now: float) -> float:
     """When Gemini's daily quotas reset: the next midnight in America/Los_Angeles."""
@@ -999,120 +1640,271 @@ def _pacific() -> Any:
         return timezone(timedelta(hours=-8))
 
 
+@dataclass(frozen=True)
+class Block:
+    """Why a (key, model) pair cannot be called now."""
+    until: float | None          # None: until a person acts (a disabled key)
+    reason: str
+    kind: str
+    soft: bool = False           # a guess from transient failures, not a fact from Google
+
+
+def effective_until(entry: dict[str, Any], now: float) -> float:
+    """A cooldown's end; a clock stepped backwards never stretches it past its length."""
+    since = entry.get("since") or 0.0
+    if now < since:
+        return min(entry["until"], now + (entry["until"] - since))
+    return entry["until"]
+
+
+class StateView:
+    """An indexed, read-only picture of what keeps each (key, model) pair from being called.
+
+    Built once per change of the state files, so every check is a few dictionary lookups,
+    whatever the number of keys, models and cooldowns."""
+
+    def __init__(self, settings: Settings, cooldowns: dict[str, Any], router: dict[str, Any]):
+        self.settings = settings
+        self.cooldowns = cooldowns
+        self.router = router
+        self.cool: dict[tuple[str | None, str | None], dict[str, Any]] = {}
+        for entry in cooldowns["cooldowns"]:
+            target = (entry.get("model"), entry.get("key"))
+            if target not in self.cool or entry["until"] > self.cool[target]["until"]:
+                self.cool[target] = entry
+        self.disabled: dict[str, Any] = cooldowns["disabled_keys"]
+        self._day: tuple[int, str] = (-1, "")
+
+    def today(self, now: float) -> str:
+        hour = int(now // 3600)      # the Pacific day changes on the hour
+        if self._day[0] != hour:
+            self._day = (hour, pacific_day(now))
+        return self._day[1]
+
+    def block(self, key: ApiKey, model: str | None, now: float) -> Block | None:
+        """Why (key, model) cannot be called now, or None. model=None asks about the key as
+        a whole (disabled, or cooling for every model)."""
+        disabled = self.disabled.get(key.fingerprint)
+        if disabled is not None:
+            return Block(None, f"disabled: {disabled.get('reason', '')}", "disabled")
+        targets = ((model, key.fingerprint), (None, key.fingerprint), (model, None)) \
+            if model is not None else ((None, key.fingerprint),)
+        worst: Block | None = None
+        for target in targets:
+            entry = self.cool.get(target)
+            if entry is None:
+                continue
+            until = effective_until(entry, now)
+            if until <= now:
+                continue
+            soft = entry.get("kind") == "transient"
+            if worst is None or (worst.soft and not soft) or \
+                    (soft == worst.soft and until > (worst.until or 0)):
+                worst = Block(until, entry["reason"], entry.get("kind", ""), soft)
+        if worst is not None and not worst.soft:
+            return worst
+        return (self.pace_block(key, model, now) if model is not None else None) or worst
+
+    def limit(self, key: ApiKey, model: str) -> dict[str, Any] | None:
+        return self.router["limits"].get(f"{self.settings.project_id(key)}/{model}")
+
+    def paced(self, key: ApiKey, model: str) -> bool:
+        """Whether calls on the pair are counted at once, under the lock (a ceiling or a
+        learned limit applies): the other pairs' counts can wait for a batched write."""
+        s = self.settings
+        return bool(s.rpm_limit or s.rpd_limit or self.limit(key, model))
+
+    def pace_block(self, key: ApiKey, model: str, now: float) -> Block | None:
+        """A user ceiling (per key) or a learned limit (per project) reached, or None."""
+        s, usage = self.settings, self.router["usage"]
+        own = usage.get(f"{key.fingerprint}/{model}") or {}
+        if s.rpm_limit:
+            minute = [t for t in own.get("minute", []) if t > now - 60]
+            if len(minute) >= s.rpm_limit:
+                return Block(minute[-s.rpm_limit] + 60, f"GEMINI_ROUTER_RPM={s.rpm_limit} "
+                             "reached", "ceiling")
+        if s.rpd_limit and own.get("day") == self.today(now) and \
+                own.get("count", 0) >= s.rpd_limit:
+            return Block(next_pacific_midnight(now), f"GEMINI_ROUTER_RPD={s.rpd_limit} reached",
+                         "ceiling")
+        learned = self.limit(key, model)
+        if not learned:
+            return None
+        project = [usage.get(f"{k.fingerprint}/{model}") or {} for k in s.project_keys(key)]
+        rpm = learned.get("rpm", 0)
+        if rpm:
+            minute = sorted(t for u in project for t in u.get("minute", []) if t > now - 60)
+            if len(minute) >= rpm:
+                return Block(minute[-rpm] + 60, f"paced under the learned limit of {rpm} "
+                             "requests per minute for this project", "limit")
+        rpd = learned.get("rpd", 0)
+        if rpd:
+            today = self.today(now)
+            if sum(u.get("count", 0) for u in project if u.get("day") == today) >= rpd:
+                return Block(next_pacific_midnight(now), f"paced under the learned limit of "
+                             f"{rpd} requests per day for this project", "limit")
+        return None
+
+
 def add_cooldown(cooldowns: dict[str, Any], model: str | None, fingerprint: str | None,
-                 until: float, reason: str, kind: str, now: float) -> float:
-    """Cool a (key, model) target; never shortens a longer cooldown. Returns the end."""
+                 until: float, reason: str, kind: str, now: float,
+                 scope: str = "pair") -> float:
+    """Cool a (key, model) target; never shortens a longer cooldown, and a guess (transient)
+    never replaces a fact. Returns the end."""
+    soft = kind == "transient"
     for entry in cooldowns["cooldowns"]:
         if entry.get("model") == model and entry.get("key") == fingerprint:
-            if entry["until"] >= until:
+            old_soft = entry.get("kind") == "transient"
+            if soft and not old_soft and entry["until"] > now:
                 return entry["until"]
-            entry.update(until=until, reason=reason, kind=kind, since=now)
-            return until
+            if entry["until"] >= until and old_soft == soft:
+                return entry["until"]
+            entry.update(until=max(until, entry["until"]) if not soft else until,
+                         reason=reason, kind=kind, since=now, scope=scope)
+            return entry["until"]
     cooldowns["cooldowns"].append({"model": model, "key": fingerprint, "until": until,
-                                   "reason": reason, "kind": kind, "since": now})
+                                   "reason": reason, "kind": kind, "since": now,
+                                   "scope": scope})
     return until
 
 
 def prune_cooldowns(cooldowns: dict[str, Any], now: float) -> None:
-    cooldowns["cooldowns"] = [e for e in cooldowns["cooldowns"] if e["until"] > now]
+    cooldowns["cooldowns"] = [e for e in cooldowns["cooldowns"] if effective_until(e, now) > now]
 
 
-def why_blocked(cooldowns: dict[str, Any], router: dict[str, Any], settings: Settings,
-                key: ApiKey, model: str | None, now: float) -> tuple[float | None, str] | None:
-    """Why (key, model) cannot be called now: (until, reason); until None = disabled key.
-
-    None means it is free. Looks at disabled keys, cooldowns on the pair, the key or the
-    model, and the proactive per-minute and per-day ceilings. model=None asks about the key
-    as a whole (disabled, or cooling for every model)."""
-    disabled = cooldowns["disabled_keys"].get(key.fingerprint)
-    if disabled is not None:
-        return None, f"disabled: {disabled.get('reason', '')}"
-    worst: tuple[float, str] | None = None
-    for entry in cooldowns["cooldowns"]:
-        if entry["until"] > now and entry.get("model") in (None, model) \
-                and entry.get("key") in (None, key.fingerprint):
-            if worst is None or entry["until"] > worst[0]:
-                worst = (entry["until"], entry["reason"])
-    if worst is not None:
-        return worst
-    return ceiling_until(router, settings, key, model, now)
-
-
-def ceiling_until(router: dict[str, Any], settings: Settings, key: ApiKey, model: str | None,
-                  now: float) -> tuple[float, str] | None:
-    if model is None or not (settings.rpm_limit or settings.rpd_limit):
-        return None
-    usage = router["usage"].get(f"{key.fingerprint}/{model}")
-    if not usage:
-        return None
-    minute = [t for t in usage.get("minute", []) if t > now - 60]
-    if settings.rpm_limit and len(minute) >= settings.rpm_limit:
-        return minute[-settings.rpm_limit] + 60, f"GEMINI_ROUTER_RPM={settings.rpm_limit} reached"
-    if settings.rpd_limit and usage.get("day") == pacific_day(now) \
-            and usage.get("count", 0) >= settings.rpd_limit:
-        return next_pacific_midnight(now), f"GEMINI_ROUTER_RPD={settings.rpd_limit} reached"
-    return None
-
-
-def count_request(router: dict[str, Any], settings: Settings, key: ApiKey, model: str,
-                  now: float) -> None:
-    """Count a call toward the proactive ceilings (only when a ceiling is set)."""
-    if not (settings.rpm_limit or settings.rpd_limit):
-        return
+def count_call(router: dict[str, Any], settings: Settings, key: ApiKey, model: str,
+               now: float, minute_keep: int) -> None:
+    """Count a call on (key, model): toward today's total and, when a per-minute limit
+    applies, its time (only the last `minute_keep` are kept: all a check needs)."""
     usage = router["usage"].setdefault(f"{key.fingerprint}/{model}", {})
-    # The last rpm_limit calls are all the per-minute check needs.
-    recent = [t for t in usage.get("minute", []) if t > now - 60] + [now]
-    usage["minute"] = recent[-settings.rpm_limit:] if settings.rpm_limit else []
     today = pacific_day(now)
     if usage.get("day") != today:
         usage.update(day=today, count=0)
     usage["count"] = usage.get("count", 0) + 1
+    if minute_keep:
+        recent = [t for t in usage.get("minute", []) if t > now - 60] + [round(now, 3)]
+        usage["minute"] = recent[-minute_keep:]
+    else:
+        usage.pop("minute", None)
+
+
+def minute_keep(router: dict[str, Any], settings: Settings, key: ApiKey, model: str) -> int:
+    learned = router["limits"].get(f"{settings.project_id(key)}/{model}") or {}
+    return max(settings.rpm_limit, learned.get("rpm", 0))
+
+
+def cooldown_length(outcome: Outcome, settings: Settings, now: float) -> float:
+    """When a cooldown earned by `outcome` ends (its rule's `length`)."""
+    length = outcome.rule.length
+    if length == "midnight":
+        return next_pacific_midnight(now)
+    if length == "retry":
+        return now + (outcome.retry_after if outcome.retry_after is not None
+                      else settings.cooldown_secs)
+    if length == "long":
+        return now + LONG_COOLDOWN_SECS
+    if length == "no_quota":
+        return now + NO_QUOTA_SECS
+    return now + MODEL_CHECK_SECS        # "check"
+
+
+def _strike_count(value: Any) -> tuple[int, float]:
+    if isinstance(value, dict):
+        return int(value.get("n", 0)), float(value.get("t", 0))
+    return (value, 0.0) if isinstance(value, int) else (0, 0.0)
 
 
 def record_outcome(tx: StateTransaction, settings: Settings, key: ApiKey, model: str | None,
                    outcome: Outcome, latency: float, now: float) -> str | None:
-    """Apply one upstream outcome to state. Returns a notice for stderr, if any.
+    """Apply one upstream outcome to state (OUTCOME_RULES). Returns a notice for stderr.
 
-    This is the only place outcomes become samples, cooldowns or disabled keys."""
-    cooldowns = tx.cooldowns
-    prune_cooldowns(cooldowns, now)
-    notice = None
-    kind = outcome.kind
-    if kind == "unreachable":
-        return None          # says nothing about the key or the model
-    if model is not None:
+    This is the only place outcomes become samples, cooldowns, limits or disabled keys."""
+    cooldowns, router = tx.cooldowns, tx.router
+    rule = outcome.rule
+    if model is not None and rule.sample is not None:
         samples = tx.stats["models"].setdefault(model, [])
-        samples.append({"t": round(now, 3), "ok": MODEL_VERDICTS.get(kind, False) is True,
-                        "kind": kind, "latency": round(latency, 4),
-                        "prompt_tokens": outcome.prompt_tokens,
+        samples.append({"t": round(now, 3), "ok": rule.sample, "kind": outcome.kind,
+                        "latency": round(latency, 4), "prompt_tokens": outcome.prompt_tokens,
                         "output_tokens": outcome.output_tokens, "key": key.fingerprint})
         del samples[:-settings.rolling_window]
+    if outcome.limits and model is not None:
+        learned = router["limits"].setdefault(f"{settings.project_id(key)}/{model}", {})
+        learned.update({w: v for w, v in outcome.limits.items() if v > 0}, learned=round(now))
+    if rule.scope is None:
+        return None
+    pair = f"{key.fingerprint}/{model}"
+    if outcome.answered:
+        router["strikes"].pop(pair, None)
+        return None
+    if rule.scope in ("key", "project_keys"):
+        return _disable(cooldowns, settings, key, outcome, now)
+    if model is None and rule.length == "transient":
+        return None              # a failed listing says nothing about any model
+    if model is None and rule.scope in ("pair", "project_model"):
+        # Model listing failed with a pair-scoped kind: the key as a whole, briefly.
+        add_cooldown(cooldowns, None, key.fingerprint, now + settings.cooldown_secs,
+                     outcome.detail, outcome.kind, now, "key")
+        return None
+    if rule.length == "transient":
+        return _strike(tx, settings, key, model, outcome, now)
+    until = cooldown_length(outcome, settings, now)
+    if rule.scope == "pair":
+        add_cooldown(cooldowns, model, key.fingerprint, until, outcome.detail, outcome.kind, now)
+    else:
+        target_model = model if rule.scope == "project_model" else None
+        for member in settings.project_keys(key):
+            add_cooldown(cooldowns, target_model, member.fingerprint, until, outcome.detail,
+                         outcome.kind, now, "project")
+    return None
+
+
+def _disable(cooldowns: dict[str, Any], settings: Settings, key: ApiKey, outcome: Outcome,
+             now: float) -> str | None:
+    members = settings.project_keys(key) if outcome.rule.scope == "project_keys" else (key,)
+    fresh = [k for k in members if k.fingerprint not in cooldowns["disabled_keys"]]
+    for member in fresh:
+        cooldowns["disabled_keys"][member.fingerprint] = {
+            "reason": outcome.detail, "since": now, "kind": outcome.kind,
+            "via": key.label if member is not key else None}
+    if not fresh:
+        return None
+    labels = ", ".join(k.label for k in fresh)
+    return (f"{labels} disabled: {outcome.detail}; fix it, then run "
+            f"'{PROG} cooldowns --clear {fresh[0].label}'")
+
+
+def _strike(tx: StateTransaction, settings: Settings, key: ApiKey, model: str,
+            outcome: Outcome, now: float) -> None:
+    """A transient failure: a short, growing cooldown of the pair (a guess, never a refusal),
+    and of the model for everyone only once several keys fail on it."""
     strikes = tx.router["strikes"]
-    if kind == "rate_limited":
-        delay = outcome.retry_after if outcome.retry_after is not None else settings.cooldown_secs
-        add_cooldown(cooldowns, model, key.fingerprint, now + delay, outcome.detail, kind, now)
-    elif kind == "daily_quota":
-        add_cooldown(cooldowns, model, key.fingerprint, next_pacific_midnight(now),
-                     outcome.detail, kind, now)
-    elif kind == "key_invalid":
-        if key.fingerprint not in cooldowns["disabled_keys"]:
-            cooldowns["disabled_keys"][key.fingerprint] = {"reason": outcome.detail,
-                                                           "since": now}
-            notice = (f"{key.label} disabled: {outcome.detail}; fix it, or run "
-                      f"'{PROG} cooldowns --clear {key.label}'")
-    elif kind == "model_unavailable" and model is not None:
-        add_cooldown(cooldowns, model, None, now + MODEL_GONE_SECS, outcome.detail, kind, now)
-        tx.router["model_list"] = None          # the list we routed from is out of date
-    elif kind == "transient" and model is not None:
-        strikes[model] = strikes.get(model, 0) + 1
-        if strikes[model] >= TRANSIENT_STRIKES:
-            add_cooldown(cooldowns, model, None, now + settings.cooldown_secs,
-                         f"{strikes[model]} transient failures in a row: {outcome.detail}",
-                         kind, now)
-            strikes.pop(model)
-    if model is not None and outcome.answered:
-        strikes.pop(model, None)
-    return notice
+    pair = f"{key.fingerprint}/{model}"
+    n, last = _strike_count(strikes.get(pair))
+    if now - last > 10 * settings.cooldown_secs:
+        n = 0                     # an old failure says nothing about now
+    n += 1
+    strikes[pair] = {"n": n, "t": round(now, 3)}
+    length = min(settings.cooldown_secs, TRANSIENT_BASE_SECS * 2 ** (n - 1))
+    add_cooldown(tx.cooldowns, model, key.fingerprint, now + length,
+                 f"{n} transient failure{'s' if n > 1 else ''} in a row on this key: "
+                 f"{outcome.detail}", "transient", now)
+    failing = [p for p, v in strikes.items() if p.endswith(f"/{model}")
+               and now - _strike_count(v)[1] <= settings.cooldown_secs]
+    if len(failing) >= max(2, min(MODEL_WIDE_KEYS, len(settings.keys))) and \
+            len(settings.keys) >= 2:
+        add_cooldown(tx.cooldowns, model, None, now + length,
+                     f"{len(failing)} keys failing on this model: {outcome.detail}",
+                     "transient", now, "model")
+    return None
+
+
+def clear_recovered(tx: StateTransaction, key: ApiKey, model: str) -> None:
+    """An answer on a pair that was cooling as a guess: the guess was wrong, forget it."""
+    tx.router["strikes"].pop(f"{key.fingerprint}/{model}", None)
+    tx.cooldowns["cooldowns"] = [
+        e for e in tx.cooldowns["cooldowns"]
+        if not (e.get("kind") == "transient" and e.get("model") == model
+                and e.get("key") in (key.fingerprint, None))]
 
 
 # ======================================================================================
@@ -1287,6 +2079,12 @@ def default_order(rows: dict[str, TierRow], text_models: list[str]) -> list[str]
 # ======================================================================================
 # Prober: concurrent probes for `rank`
 # ======================================================================================
+# A probe is the smallest request that measures a model: a few words in, at most 16 tokens
+# out. Each model gets one probe per round, through a key that rotates across rounds and
+# models, so every model is measured through several keys; a pair that is cooling or paced
+# is skipped, and a key-level refusal (quota, invalid key) moves the probe to the next key.
+# One `rank` costs at most models x rounds calls that reach a model, plus one call per key
+# refused. Outcomes go through the same `Router.record` as routes.
 
 PROBE_PROMPT = "Reply with the single word: ok"
 
@@ -1302,83 +2100,53 @@ class ProbeResult:
 
 @dataclass
 class ProbeRun:
-    results: list[ProbeResult]
+    results: list[ProbeResult]   # one per upstream call
     skipped: list[str]           # models no key could probe (all cooling or disabled)
     seconds: float               # probing time, after the SDK import and client set-up
 
 
 def probe_models(settings: Settings, store: StateStore, models: list[str], rounds: int,
                  concurrency: int, progress: bool) -> ProbeRun:
-    """Probe every model `rounds` times.
-
-    Results are written to state in one transaction per round (and on Ctrl-C), never with
-    the lock held across a call."""
+    """Probe every model `rounds` times, at most `concurrency` at once."""
     import asyncio
     import threading
     from concurrent.futures import ThreadPoolExecutor
     keys = settings.require_keys()
-    client = GeminiClient(settings)
-    with store.transaction() as tx:
-        prune_cooldowns(tx.cooldowns, time.time())
-        cooldowns = json.loads(json.dumps(tx.cooldowns))
-        router = json.loads(json.dumps(tx.router))
-        start = tx.router["next_key"]
-        tx.router["next_key"] = (start + len(models)) % len(keys)
-    # Probes go to keys that are usable at all (not disabled, not cooling for every model).
-    healthy = [k for k in keys
-               if why_blocked(cooldowns, router, settings, k, None, time.time()) is None]
-    results: list[ProbeResult] = []
-    pending: list[ProbeResult] = []
-    skipped: set[str] = set()
+    router = Router(settings, store)
+    client = router.client
     request = client.build_request(PromptRequest(PROBE_PROMPT,
                                                  options={"max_output_tokens": 16}))
+    start = router._next_start()
+    results: list[ProbeResult] = []
+    skipped: set[str] = set()
+    done_lock = threading.Lock()
     bar = _progress_bar(len(models) * rounds, progress)
-    mirror = StateTransaction(None, {"cooldowns": cooldowns, "router": router,
-                                     "stats": empty_doc("stats")})
-    mirror_lock = threading.Lock()     # guards the local mirror and the result lists
 
     def probe(model: str, offset: int) -> None:
-        # Spread over healthy keys: model i starts at healthy key (start + i); key-level
-        # failures move on to the next key so one limited key does not hide a model's health.
-        for step in range(len(healthy)):
-            key = healthy[(start + offset + step) % len(healthy)]
-            with mirror_lock:
-                if why_blocked(cooldowns, router, settings, key, model, time.time()):
-                    continue
-                count_request(router, settings, key, model, time.time())
+        session = RouteSession(settings, RoutePlan([model], "probe"), (start + offset) % len(keys))
+        for _ in keys:
+            choice = router.reserve(session)
+            if choice is None:
+                break
+            _, key, _, counted = choice
             began = time.perf_counter()
             outcome = client.generate(key, model, request)
-            result = ProbeResult(model, key, outcome, time.perf_counter() - began, time.time())
-            with mirror_lock:
-                pending.append(result)
-                results.append(result)
-                if outcome.kind in ("rate_limited", "daily_quota", "key_invalid"):
-                    # Mirror the state change locally so later probes skip this pair/key.
-                    record_outcome(mirror, settings, key, model, outcome, result.latency,
-                                   result.t)
-            if outcome.kind in ("rate_limited", "daily_quota", "key_invalid"):
-                continue
-            return
-        skipped.add(model)
+            latency = time.perf_counter() - began
+            if outcome.kind == "thinking_exhausted":
+                outcome.kind = "ok"      # our 16-token probe: the model answered by thinking
+            router.record(key, model, outcome, latency, counted)
+            session.learn(model, key, outcome)
+            with done_lock:
+                results.append(ProbeResult(model, key, outcome, latency, time.time()))
+            if outcome.rule.sample is not None or outcome.rule.route == "end":
+                return           # a measurement of the model, or nothing more to learn
+        with done_lock:
+            skipped.add(model)
 
-    def flush() -> None:
-        with mirror_lock:
-            batch = list(pending)
-        if batch:
-            with store.transaction() as tx:
-                for r in batch:
-                    count_request(tx.router, settings, r.key, r.model, r.t)
-                notices = [record_outcome(tx, settings, r.key, r.model, r.outcome, r.latency,
-                                          r.t) for r in batch]
-            # Forget the batch only once it is on disk: a Ctrl-C mid-write retries it.
-            with mirror_lock:
-                del pending[:len(batch)]
-            for notice in filter(None, notices):
-                warn(notice)
-
-    async def run_round(pool: ThreadPoolExecutor) -> None:
+    async def run_round(pool: ThreadPoolExecutor, round_no: int) -> None:
         loop = asyncio.get_running_loop()
-        tasks = [loop.run_in_executor(pool, probe, m, i) for i, m in enumerate(models)]
+        tasks = [loop.run_in_executor(pool, probe, m, i + round_no)
+                 for i, m in enumerate(models)]
         for task in asyncio.as_completed(tasks):
             await task
             if bar is not None:
@@ -1387,16 +2155,17 @@ def probe_models(settings: Settings, store: StateStore, models: list[str], round
     pool = ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(models))))
     began = time.perf_counter()
     try:
-        for _ in range(rounds):
-            asyncio.run(run_round(pool))
-            flush()
+        for round_no in range(rounds):
+            asyncio.run(run_round(pool, round_no))
+            router.flush()
     except KeyboardInterrupt:
-        flush()
+        router.close()
         if bar is not None:
             bar.close()
         raise Interrupted(f"interrupted; kept the {len(results)} samples taken") from None
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+    router.close()
     if bar is not None:
         bar.close()
     return ProbeRun(results, sorted(skipped - {r.model for r in results}),
@@ -1411,8 +2180,16 @@ def _progress_bar(total: int, enabled: bool) -> Any:
 
 
 # ======================================================================================
-# Router: model list, candidate order, key rotation and failover
+# Router: model list, candidate order, key rotation, failover and the route budget
 # ======================================================================================
+# One routing core for every front end: `Router.run(plan, call)` walks the candidates of a
+# plan, reserving one (key, model) pair at a time, calling `call` outside every lock and
+# recording its outcome, until an answer, a failure no other candidate would fix, or the
+# budget (GEMINI_ROUTER_MAX_ATTEMPTS calls, GEMINI_ROUTER_DEADLINE seconds) runs out.
+# The CLI's `call` is the SDK client; the gateway's forwards raw JSON. Answers are recorded
+# in a batch (flushed at the end of a CLI route, or every half second in a server); every
+# failure that changes what others may call is written at once, so the next reservation in
+# any process honours it.
 
 @dataclass
 class Attempt:
@@ -1437,6 +2214,11 @@ class RouteResult:
         return asdict(self)
 
 
+def usage_of(outcome: Outcome) -> dict[str, int]:
+    return {"prompt_tokens": outcome.prompt_tokens, "output_tokens": outcome.output_tokens,
+            "thought_tokens": outcome.thought_tokens, "total_tokens": outcome.total_tokens}
+
+
 def cached_model_list(router_doc: dict[str, Any], settings: Settings,
                       now: float) -> list[dict[str, Any]] | None:
     listing = router_doc.get("model_list")
@@ -1445,64 +2227,6 @@ def cached_model_list(router_doc: dict[str, Any], settings: Settings,
     if now - float(listing.get("fetched_at", 0)) > settings.models_ttl:
         return None
     return listing["models"]
-
-
-def fetch_model_list(settings: Settings, store: StateStore, client: GeminiClient | None = None,
-                     out: Output | None = None) -> list[dict[str, Any]]:
-    """List models through the first healthy key (round-robin), cache them, return them."""
-    keys = settings.require_keys()
-    client = client or GeminiClient(settings)
-    with store.transaction(write=False) as tx:
-        start, now = tx.router["next_key"], time.time()
-        usable = [k for k in (keys[(start + i) % len(keys)] for i in range(len(keys)))
-                  if why_blocked(tx.cooldowns, tx.router, settings, k, None, now) is None]
-    failures: list[tuple[ApiKey, Outcome]] = []
-    listed: list[dict[str, Any]] | None = None
-    for key in usable:
-        began = time.perf_counter()
-        result = client.list_models(key)
-        if not isinstance(result, Outcome):
-            listed = result
-            if out:
-                out.info(f"listed {len(listed)} models with {key.label} "
-                         f"in {time.perf_counter() - began:.2f} s")
-            break
-        failures.append((key, result))
-        if out:
-            out.info(f"listing models with {key.label}: {result.kind}: {result.detail}")
-        if result.kind == "unreachable":
-            break
-    if listed is not None or any(o.kind != "unreachable" for _, o in failures):
-        with store.transaction() as tx:
-            now = time.time()
-            for notice in [record_outcome(tx, settings, k, None, o, 0.0, now)
-                           for k, o in failures]:
-                if notice:
-                    warn(notice)
-            if listed is not None:
-                tx.router["model_list"] = {"endpoint": settings.endpoint, "fetched_at": now,
-                                           "models": listed}
-    if listed is not None:
-        return listed
-    if failures and failures[-1][1].kind == "unreachable":
-        raise NothingAvailable(f"cannot reach {settings.endpoint}: {failures[-1][1].detail}")
-    if not failures:
-        raise NothingAvailable(f"no usable key: every key is disabled or cooling; see "
-                               f"'{PROG} cooldowns'")
-    summary = "; ".join(f"{k.label}: {o.detail}" for k, o in failures)
-    raise NothingAvailable(f"could not list models: {summary}")
-
-
-def known_models(settings: Settings, store: StateStore, refresh: bool = False,
-                 client: GeminiClient | None = None,
-                 out: Output | None = None) -> list[dict[str, Any]]:
-    """The cached model list, or a fresh one when there is none (or on refresh)."""
-    if not refresh:
-        with store.transaction(write=False) as tx:
-            cached = cached_model_list(tx.router, settings, time.time())
-        if cached is not None:
-            return cached
-    return fetch_model_list(settings, store, client=client, out=out)
 
 
 def resolve_model(name: str, models: list[dict[str, Any]]) -> str:
@@ -1525,18 +2249,27 @@ class RoutePlan:
     """The ordered candidates of one route and the reasons, for -v and --dry-run."""
     models: list[str]
     why: str
+    notices: list[str] = field(default_factory=list)   # a choice of the user's overridden
 
 
 def plan_route(tx: StateTransaction, models: list[dict[str, Any]], model: str | None,
                tier: str | None) -> RoutePlan:
     """The candidate models, in order: -m (already resolved), else the lock, else the tier
-    order."""
-    if model:
-        return RoutePlan([model], "-m given")
+    order. A lock on a model the list no longer has is said plainly."""
     locked = tx.router.get("lock")
-    if locked:
-        return RoutePlan([locked], f"locked to {locked} ('{PROG} unlock' to release)")
     text_models = text_model_names(models)
+    if model:
+        notices = [f"-m {model} overrides the lock on {locked}"] if locked and \
+            locked != model else []
+        return RoutePlan([model], "-m given", notices)
+    if locked:
+        if locked not in text_models:
+            raise NothingAvailable(f"locked to {locked}, which the model list no longer has "
+                                   f"(gone); '{PROG} unlock' releases the lock, or lock "
+                                   "another model")
+        notices = [f"locked to {locked}: --tier {tier} ignored ('{PROG} unlock' releases "
+                   "it)"] if tier else []
+        return RoutePlan([locked], f"locked to {locked} ('{PROG} unlock' to release)", notices)
     rows = compute_tiers(all_stats(tx.stats), {m["name"]: m for m in models})
     tier = tier or "balance"
     order = tier_order(rows, tier, text_models)
@@ -1547,142 +2280,531 @@ def plan_route(tx: StateTransaction, models: list[dict[str, Any]], model: str | 
 
 
 class RouteSession:
-    """Walks the plan: per model, rotated keys; per attempt, one state transaction."""
+    """The candidates of one route: per model, keys in rotation; what this route learned."""
 
-    def __init__(self, settings: Settings, plan: RoutePlan, start: int):
+    def __init__(self, settings: Settings, plan: RoutePlan, start: int,
+                 input_limits: dict[str, int] | None = None, input_words: int = 0):
         self.settings = settings
         self.plan = plan
         self.keys = settings.keys
         self.start = start
-        self.tried: dict[str, set[int]] = {}
+        self.tried: set[tuple[str, int]] = set()
         self.transient: dict[str, int] = {}
-        self.skipped: dict[str, tuple[float | None, str]] = {}   # "key#N on M" -> (until, why)
-        self.gone: set[str] = set()
+        self.skipped: dict[str, Block] = {}        # "key#N on M" -> why it was passed over
+        self.dropped: dict[str, str] = {}          # model -> why this route no longer tries it
+        self.recitations = 0
+        # A prompt longer than a model's input limit (the fake and Google count tokens; a
+        # word is at least one) cannot be taken: skip it before spending a call.
+        for name, limit in (input_limits or {}).items():
+            if limit and input_words > limit:
+                self.dropped[name] = (f"the prompt ({input_words}+ tokens) exceeds its input "
+                                      f"limit of {limit} tokens")
 
     def rotated_keys(self) -> list[ApiKey]:
         n = len(self.keys)
         return [self.keys[(self.start + i) % n] for i in range(n)]
 
-    def next_choice(self, tx: StateTransaction, now: float,
-                    reserve: bool = True) -> tuple[str, ApiKey] | None:
-        cooldowns, router = tx.cooldowns, tx.router
-        for model in self.plan.models:
-            # "try the next key once, then the next model": two transient failures end a model.
-            if model in self.gone or self.transient.get(model, 0) >= 2:
+    def choose(self, view: StateView, now: float) -> tuple[str, ApiKey, Block | None] | None:
+        """The next (model, key) to try: a free pair, models with fewer transient failures
+        in this route first; else the best pair cooling only on a guess (transient)."""
+        soft: list[tuple[float, int, str, ApiKey, Block]] = []
+        second: tuple[str, ApiKey] | None = None
+        keys = self.rotated_keys()
+        for rank, model in enumerate(self.plan.models):
+            if model in self.dropped:
                 continue
-            for key in self.rotated_keys():
-                # Blocked before tried: a pair cooled by this very route must still count
-                # toward the earliest recovery (and --wait).
-                blocked = why_blocked(cooldowns, router, self.settings, key, model, now)
+            for key in keys:
+                # Blocked before tried: a pair cooled by this very route still counts toward
+                # the earliest recovery. Only untried pairs are "left" to try on a guess.
+                tried = (model, key.index) in self.tried
+                blocked = view.block(key, model, now)
                 if blocked is not None:
                     self.skipped[f"{key.label} on {model}"] = blocked
+                    if blocked.soft and not tried:
+                        soft.append((blocked.until or 0.0, rank, model, key, blocked))
                     continue
-                if key.index in self.tried.get(model, set()):
+                if tried:
                     continue
-                if reserve:
-                    self.tried.setdefault(model, set()).add(key.index)
-                    count_request(router, self.settings, key, model, now)
-                    router["next_key"] = key.index % len(self.keys)
-                return model, key
+                self.skipped.pop(f"{key.label} on {model}", None)
+                # "try the next key once, then the next model"
+                if self.transient.get(model, 0) >= 2:
+                    second = second or (model, key)
+                    continue
+                return model, key, None
+        if second is not None:
+            return second[0], second[1], None
+        if soft:
+            until, _, model, key, blocked = min(soft, key=lambda s: (s[0], s[1]))
+            return model, key, blocked
         return None
 
-    def learn(self, model: str, outcome: Outcome) -> None:
+    def learn(self, model: str, key: ApiKey, outcome: Outcome) -> None:
+        self.tried.add((model, key.index))
+        route = outcome.rule.route
         if outcome.kind == "transient":
             self.transient[model] = self.transient.get(model, 0) + 1
-        elif outcome.kind == "model_unavailable":
-            self.gone.add(model)
+        elif route == "next_model":
+            self.dropped[model] = outcome.detail
+        elif route == "retry_once":
+            self.recitations += 1
 
-    def earliest(self) -> tuple[float, str] | None:
-        timed = [(until, what) for what, (until, _) in self.skipped.items()
-                 if until is not None]
+    def ends(self, outcome: Outcome) -> bool:
+        """An answer, a failure no other candidate would fix, or a stream that printed."""
+        route = outcome.rule.route
+        return route in ("answer", "end") or outcome.partial or \
+            (route == "retry_once" and self.recitations > 1)
+
+    def earliest(self, now: float) -> tuple[float, str] | None:
+        """(when, "key#N on MODEL") of the earliest recovery among the blocked pairs."""
+        timed = [(b.until, what) for what, b in self.skipped.items()
+                 if b.until is not None and b.until > now]
         return min(timed) if timed else None
+
+    def rate_limited(self) -> bool:
+        """Everything that stopped this route was a quota (429 to a gateway client)."""
+        return bool(self.skipped) and all(b.kind in QUOTA_KINDS for b in self.skipped.values())
+
+
+@dataclass
+class RouteRun:
+    """What `Router.run` came to: the last outcome (None: nothing was called) and why."""
+    outcome: Outcome | None
+    model: str | None
+    key: ApiKey | None
+    latency: float
+    attempts: list[Attempt]
+    session: RouteSession
+    stop: str = ""               # why the loop stopped without an answer: budget, deadline
+
+
+class Router:
+    """The routing core of one process: cached state, batched answers, the route loop.
+
+    Thread-safe: a server routes many requests through one Router at once."""
+
+    FLUSH_EVERY = 0.5            # seconds between batched writes in a long-running process
+
+    def __init__(self, settings: Settings, store: StateStore | None = None,
+                 client: GeminiClient | None = None, shared_rotation: bool = True):
+        import threading
+        self.settings = settings
+        # Short-lived processes (the CLI) claim where to start in the key rotation from state,
+        # so concurrent processes spread over the keys; a server rotates in memory.
+        self.shared_rotation = shared_rotation
+        self._rotation_moved = False
+        self.store = store or StateStore(settings)
+        self._client = client
+        self._lock = threading.RLock()
+        self._pending: list[tuple[ApiKey, str, Outcome, float, float, bool]] = []
+        self._view: tuple[tuple[Any, ...], StateView] | None = None
+        self._rotation: int | None = None
+        self._flusher: Any = None
+
+    @property
+    def client(self) -> GeminiClient:
+        if self._client is None:
+            self._client = GeminiClient(self.settings)
+        return self._client
+
+    # --- state ------------------------------------------------------------------------
+
+    def view(self) -> StateView:
+        """The current picture of cooldowns and limits, rebuilt only when a file changed."""
+        with self.store.transaction(write=False) as tx:
+            cooldowns, router = tx.cooldowns, tx.router
+            stamp = (id(cooldowns), id(router))
+            with self._lock:
+                if self._view is None or self._view[0] != stamp:
+                    self._view = (stamp, StateView(self.settings, cooldowns, router))
+                    if self._rotation is None:
+                        self._rotation = router["next_key"]
+                return self._view[1]
+
+    def _next_start(self) -> int:
+        n = max(1, len(self.settings.keys))
+        if self.shared_rotation:
+            try:
+                with self.store.transaction() as tx:
+                    self._flush_into(tx)
+                    start = tx.router["next_key"] % n
+                    tx.router["next_key"] = (start + 1) % n
+            except RouterError as exc:       # routing still works; only the spread suffers
+                warn(f"could not claim a key in the rotation: {exc}")
+                self.shared_rotation = False
+                return self._next_start()
+            with self._lock:
+                self._rotation, self._rotation_moved = (start + 1) % n, False
+            return start
+        with self._lock:
+            if self._rotation is None:
+                self.view()
+            start = (self._rotation or 0) % n
+            self._rotation = (start + 1) % n
+            return start
+
+    def reserve(self, session: RouteSession
+                ) -> tuple[str, ApiKey, Block | None, bool] | None:
+        """The next pair of `session`, counted toward its limits. A pair under a ceiling or a
+        learned limit is counted at once under the lock, so two processes never both spend
+        the last call of a window; other pairs are counted with the batched answers."""
+        while True:
+            now = time.time()
+            choice = session.choose(self.view(), now)
+            if choice is None:
+                return None
+            model, key, soft = choice
+            with self._lock:    # the next route starts after the key this one uses
+                moved = key.index % len(self.settings.keys)
+                self._rotation_moved |= moved != self._rotation
+                self._rotation = moved
+            if not self.view().paced(key, model):
+                return model, key, soft, False
+            with self.store.transaction() as tx:
+                self._flush_into(tx)
+                view = StateView(self.settings, tx.cooldowns, tx.router)
+                blocked = view.block(key, model, now)
+                if blocked is None or (soft is not None and blocked.soft):
+                    count_call(tx.router, self.settings, key, model, now,
+                               minute_keep(tx.router, self.settings, key, model))
+                    return model, key, soft, True
+            session.skipped[f"{key.label} on {model}"] = blocked
+            session.tried.add((model, key.index))
+
+    def record(self, key: ApiKey, model: str | None, outcome: Outcome, latency: float,
+               counted: bool = False) -> None:
+        """Record one outcome. State-changing ones are written now (with everything pending);
+        plain answers wait for the next batch. A failure to write an answer's record is a
+        warning: the answer itself is never lost."""
+        now = time.time()
+        immediate = outcome.rule.scope is not None and not outcome.answered \
+            or bool(outcome.limits)
+        if not immediate and model is not None and outcome.answered:
+            view = self._view[1] if self._view else None
+            pair = f"{key.fingerprint}/{model}"
+            immediate = view is not None and (pair in view.router["strikes"]
+                                              or (model, key.fingerprint) in view.cool
+                                              or (model, None) in view.cool)
+        with self._lock:
+            self._pending.append((key, model or "", outcome, latency, now, counted))
+        if immediate:
+            self.flush()
+
+    def _flush_into(self, tx: StateTransaction) -> list[str]:
+        with self._lock:
+            batch, self._pending = self._pending, []
+        notices = []
+        for key, model, outcome, latency, t, counted in batch:
+            if model and not counted:
+                count_call(tx.router, self.settings, key, model, t,
+                           minute_keep(tx.router, self.settings, key, model))
+            notice = record_outcome(tx, self.settings, key, model or None, outcome, latency, t)
+            if model and outcome.answered:
+                clear_recovered(tx, key, model)
+            if notice:
+                notices.append(notice)
+        if self._rotation is not None and (self._rotation_moved or not self.shared_rotation):
+            tx.router["next_key"] = self._rotation
+            self._rotation_moved = False
+        if batch:
+            prune_cooldowns(tx.cooldowns, time.time())
+        return notices
+
+    def flush(self) -> None:
+        """Write everything pending in one transaction; problems are warnings."""
+        with self._lock:
+            if not self._pending:
+                return
+        try:
+            with self.store.transaction() as tx:
+                notices = self._flush_into(tx)
+        except RouterError as exc:
+            warn(f"could not record the outcome: {exc}")
+            return
+        for notice in notices:
+            warn(notice)
+
+    def start_flusher(self) -> None:
+        """In a long-running process: write batched answers every FLUSH_EVERY seconds."""
+        import threading
+        if self._flusher is not None:
+            return
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(self.FLUSH_EVERY):
+                self.flush()
+        thread = threading.Thread(target=loop, name="gemini-router-flush", daemon=True)
+        self._flusher = (thread, stop)
+        thread.start()
+
+    def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher[1].set()
+            self._flusher[0].join(timeout=5)
+            self._flusher = None
+        self.flush()
+
+    # --- the model list ---------------------------------------------------------------
+
+    def models(self, refresh: bool = False, out: Output | None = None,
+               deadline_at: float | None = None) -> list[dict[str, Any]]:
+        """The cached model list, or a fresh one when there is none (or on refresh).
+        Processes starting together list once: the others wait and read the cache."""
+        if not refresh:
+            cached = self._cached_models()
+            if cached is not None:
+                return cached
+        with self.store.listing_hold():
+            if not refresh:
+                cached = self._cached_models()
+                if cached is not None:
+                    return cached
+            return self._fetch_models(out, deadline_at)
+
+    def _cached_models(self) -> list[dict[str, Any]] | None:
+        with self.store.transaction(write=False) as tx:
+            return cached_model_list(tx.router, self.settings, time.time())
+
+    def _fetch_models(self, out: Output | None,
+                      deadline_at: float | None = None) -> list[dict[str, Any]]:
+        """List models through the first usable key (in rotation), cache them, return them."""
+        keys = self.settings.require_keys()
+        view, now = self.view(), time.time()
+        start = self._rotation or 0
+        usable = [k for k in (keys[(start + i) % len(keys)] for i in range(len(keys)))
+                  if view.block(k, None, now) is None]
+        failures: list[tuple[ApiKey, Outcome]] = []
+        listed: list[dict[str, Any]] | None = None
+        for key in usable[:self.settings.max_attempts]:
+            began = time.perf_counter()
+            left = self.settings.timeout if deadline_at is None else \
+                min(self.settings.timeout, deadline_at - time.monotonic())
+            if left < 0.05:
+                break
+            result = self.client.list_models(key, timeout=left)
+            if not isinstance(result, Outcome):
+                listed = result
+                if out:
+                    out.info(f"listed {len(listed)} models with {key.label} "
+                             f"in {time.perf_counter() - began:.2f} s")
+                break
+            failures.append((key, result))
+            if out:
+                out.info(f"listing models with {key.label}: {result.detail}")
+            if result.rule.route == "end":
+                break
+        for key, outcome in failures:
+            self.record(key, None, outcome, 0.0)
+        if listed is not None:
+            with self.store.transaction() as tx:
+                self._flush_into(tx)
+                tx.router["model_list"] = {"endpoint": self.settings.endpoint,
+                                           "fetched_at": time.time(), "models": listed}
+            return listed
+        self.flush()
+        if failures and failures[-1][1].rule.route == "end":
+            last = failures[-1][1]
+            if last.kind == "unreachable":
+                raise NothingAvailable(f"cannot reach {self.settings.endpoint}: {last.detail}")
+            raise _error_for(last, "")
+        if not failures:
+            raise NothingAvailable(f"no usable key: every key is disabled or cooling; see "
+                                   f"'{PROG} cooldowns'")
+        summary = "; ".join(f"{k.label}: {o.detail}" for k, o in failures)
+        raise NothingAvailable(f"could not list models: {summary}")
+
+    def check_model(self, key: ApiKey, model: str, out: Output | None = None) -> bool:
+        """After a 404: ask the live list whether `model` still exists (one call). Gone: it
+        leaves the cached list (the rest is kept). Listed: the 404 was this key's alone."""
+        entry = self.client.get_model(key, model)
+        if isinstance(entry, Outcome) and entry.kind != "model_missing":
+            return False            # the list could not say: the pair's short cooldown stands
+        gone = isinstance(entry, Outcome)
+        with self.store.transaction() as tx:
+            self._flush_into(tx)
+            listing = tx.router.get("model_list")
+            if gone and listing:
+                listing["models"] = [m for m in listing["models"] if m["name"] != model]
+            if not gone:
+                add_cooldown(tx.cooldowns, model, key.fingerprint, time.time() +
+                             LONG_COOLDOWN_SECS, f"not found for this key, though the list has "
+                             "it", "model_missing", time.time())
+        if out:
+            out.info(f"  the live list {'no longer has' if gone else 'still has'} {model}")
+        return gone
+
+    # --- the route loop ---------------------------------------------------------------
+
+    def plan(self, models: list[dict[str, Any]], model: str | None = None,
+             tier: str | None = None) -> RoutePlan:
+        with self.store.transaction(write=False) as tx:
+            return plan_route(tx, models, model, tier)
+
+    def run(self, plan: RoutePlan, call: Callable[[ApiKey, str, float], Outcome], *,
+            out: Output | None = None, input_limits: dict[str, int] | None = None,
+            input_words: int = 0, deadline_at: float | None = None) -> RouteRun:
+        """Walk `plan` within the budget: at most max_attempts calls (a 404's check of the
+        live list counts as one), never past the deadline (each call's timeout shrinks to
+        what is left)."""
+        s = self.settings
+        began = time.monotonic() if deadline_at is None else deadline_at - s.deadline
+        session = RouteSession(s, plan, self._next_start(), input_limits, input_words)
+        for name, why in session.dropped.items():
+            if out:
+                out.info(f"skipping {name}: {why}")
+        attempts: list[Attempt] = []
+        last: tuple[str, ApiKey, Outcome, float] | None = None
+        calls, stop = 0, ""
+        while True:
+            if calls >= s.max_attempts:
+                stop = f"budget of {s.max_attempts} calls spent (GEMINI_ROUTER_MAX_ATTEMPTS)"
+                break
+            left = s.deadline - (time.monotonic() - began)
+            if left < 0.05:
+                stop = f"deadline of {s.deadline:g} s reached (GEMINI_ROUTER_DEADLINE)"
+                break
+            choice = self.reserve(session)
+            if choice is None:
+                break
+            model, key, soft, counted = choice
+            timeout = min(s.timeout, left)
+            if out:
+                out.info(f"trying {model} with {key.label}" + (
+                    f" (cooling on a guess: {soft.reason})" if soft else ""))
+                if hasattr(out, "attempt_started"):
+                    out.attempt_started(model, key.label, timeout)
+            t0 = time.perf_counter()
+            try:
+                outcome = call(key, model, timeout)
+            finally:
+                if out and hasattr(out, "attempt_finished"):
+                    out.attempt_finished()
+            latency = time.perf_counter() - t0
+            calls += 1
+            attempts.append(Attempt(model, key.label, outcome.kind, round(latency, 4),
+                                    outcome.detail))
+            if out:
+                out.info(f"  {model} {key.label}: {outcome.rule.words} in {latency:.2f} s"
+                         + (f" ({outcome.detail})" if outcome.detail else ""))
+            self.record(key, model, outcome, latency, counted)
+            session.learn(model, key, outcome)
+            last = (model, key, outcome, latency)
+            if outcome.kind == "model_missing" and calls < s.max_attempts:
+                calls += 1
+                if not self.check_model(key, model, out):
+                    session.dropped.pop(model, None)   # listed: only this key lacks it
+            if session.ends(outcome):
+                break
+        if out:
+            for what, b in session.skipped.items():
+                left = "until a person acts" if b.until is None else \
+                    f"{_duration(b.until - time.time())} left"
+                out.info(f"skipped {what}: {b.reason} ({left})")
+        if last is None:
+            return RouteRun(None, None, None, 0.0, attempts, session, stop)
+        return RouteRun(last[2], last[0], last[1], last[3], attempts, session, stop)
+
+    def route(self, prompt: PromptRequest, *, model: str | None = None,
+              tier: str | None = None, on_text: Callable[[str], None] | None = None,
+              out: Output | None = None) -> RouteResult:
+        """Send one prompt through the best available (model, key), failing over by outcome."""
+        self.settings.require_keys()
+        request = self.client.build_request(prompt)
+        deadline_at = time.monotonic() + self.settings.deadline
+        models = self.models(out=out, deadline_at=deadline_at)
+        model = resolve_model(model, models) if model else None
+        plan = self.plan(models, model, tier)
+        for notice in plan.notices:
+            (out.note if out else warn)(notice)
+        if out:
+            out.info(f"route: {plan.why}: {', '.join(plan.models[:8])}"
+                     + (" …" if len(plan.models) > 8 else ""))
+
+        def call(key: ApiKey, name: str, timeout: float) -> Outcome:
+            return self.client.generate(key, name, request, on_text, timeout)
+        limits = {m["name"]: m.get("input_limit", 0) for m in models}
+        run = self.run(plan, call, out=out, input_limits=limits,
+                       input_words=request.input_words, deadline_at=deadline_at)
+        return result_of(run, self.settings, out)
+
+
+def result_of(run: RouteRun, settings: Settings, out: Output | None = None) -> RouteResult:
+    """The answer of a run, or the error that says why there is none."""
+    outcome = run.outcome
+    if outcome is not None and outcome.kind == "ok":
+        if out and outcome.thought_tokens and outcome.thought_tokens >= \
+                0.5 * max(1, outcome.thought_tokens + outcome.output_tokens):
+            out.info(f"thinking used {outcome.thought_tokens} of "
+                     f"{outcome.thought_tokens + outcome.output_tokens} output tokens")
+        return RouteResult(model=run.model, key=run.key.label, text=outcome.text,
+                           finish_reason=outcome.finish_reason,
+                           latency_s=round(run.latency, 4), usage=usage_of(outcome),
+                           attempts=run.attempts)
+    if outcome is not None and outcome.partial:
+        raise UpstreamError(f"{run.model} {run.key.label}: {outcome.detail}")
+    if outcome is not None and (outcome.rule.route == "end" or run.session.ends(outcome)):
+        if outcome.kind == "unreachable":
+            raise NothingAvailable(f"cannot reach {settings.endpoint}: {outcome.detail}")
+        raise _error_for(outcome, f"{run.model} {run.key.label}: ")
+    if outcome is not None and outcome.kind in ("thinking_exhausted", "empty", "model_cannot") \
+            and not run.session.earliest(time.time()):
+        raise UpstreamError(f"{run.model} {run.key.label}: {outcome.detail}")
+    raise nothing_available(run)
+
+
+def _error_for(outcome: Outcome, prefix: str) -> RouterError:
+    code = outcome.rule.exit_code
+    cls = {1: UpstreamError, 3: ConfigError}.get(code, NothingAvailable)
+    return cls(f"{prefix}{outcome.detail}")
+
+
+def nothing_available(run: RouteRun) -> NothingAvailable:
+    session, now = run.session, time.time()
+    earliest = session.earliest(now)
+    parts = ["nothing available"]
+    if run.stop:
+        parts.append(run.stop)
+    if run.attempts:
+        last = run.attempts[-1]
+        parts.append(f"{len(run.attempts)} attempt(s), last: {last.model} {last.key}: "
+                     f"{last.detail or last.outcome}")
+    limited = session.rate_limited() and not any(
+        OUTCOME_RULES[a.outcome].sample is False for a in run.attempts)
+    if earliest is not None:
+        until, what = earliest
+        why = session.skipped[what].reason
+        parts.append(f"earliest: {what} in {_duration(until - now)}"
+                     + (f" ({why})" if session.skipped[what].kind in ("limit", "ceiling")
+                        else ""))
+        return NothingAvailable("; ".join(parts), until, limited)
+    if session.dropped and not session.skipped:
+        name, why = next(iter(session.dropped.items()))
+        parts.append(f"{name}: {why}")
+    elif session.skipped:
+        parts.append(f"every key is disabled or out of quota; see '{PROG} cooldowns'")
+    return NothingAvailable("; ".join(parts), None, limited)
 
 
 def route_prompt(settings: Settings, store: StateStore, prompt: PromptRequest, *,
                  model: str | None = None, tier: str | None = None,
                  on_text: Callable[[str], None] | None = None,
                  out: Output | None = None) -> RouteResult:
-    """Send one prompt through the best available (model, key), failing over by outcome.
-
-    Each attempt is one transaction that records the previous outcome (`record_outcome`)
-    and reserves the next (model, key); the call itself happens outside the lock."""
-    settings.require_keys()
-    client = GeminiClient(settings)
-    request = client.build_request(prompt)
-    models = known_models(settings, store, client=client, out=out)
-    model = resolve_model(model, models) if model else None    # before taking any lock
-    attempts: list[Attempt] = []
-    last: tuple[str, ApiKey, Outcome, float] | None = None
-    session: RouteSession | None = None
-    while True:
-        with store.transaction() as tx:
-            now = time.time()
-            prune_cooldowns(tx.cooldowns, now)
-            if last is not None:
-                notice = record_outcome(tx, settings, last[1], last[0], last[2], last[3], now)
-                if notice:
-                    warn(notice)
-            if last is not None and ends_route(last[2]):
-                break
-            if session is None:
-                plan = plan_route(tx, models, model, tier)
-                session = RouteSession(settings, plan, tx.router["next_key"])
-                if out:
-                    out.info(f"route: {plan.why}: {', '.join(plan.models[:8])}"
-                             + (" …" if len(plan.models) > 8 else ""))
-            choice = session.next_choice(tx, now)
-        if choice is None:
-            break
-        chosen_model, key = choice
-        if out:
-            out.info(f"trying {chosen_model} with {key.label}")
-        began = time.perf_counter()
-        outcome = client.generate(key, chosen_model, request, on_text)
-        latency = time.perf_counter() - began
-        attempts.append(Attempt(chosen_model, key.label, outcome.kind, round(latency, 4),
-                                outcome.detail))
-        if out:
-            out.info(f"  {chosen_model} {key.label}: {outcome.kind} in {latency:.2f} s"
-                     + (f" ({outcome.detail})" if outcome.detail else ""))
-        session.learn(chosen_model, outcome)
-        last = (chosen_model, key, outcome, latency)
-    assert session is not None
-    if last is not None:
-        chosen_model, key, outcome, latency = last
-        if outcome.kind == "ok":
-            return RouteResult(model=chosen_model, key=key.label, text=outcome.text,
-                               finish_reason=outcome.finish_reason, latency_s=round(latency, 4),
-                               usage={"prompt_tokens": outcome.prompt_tokens,
-                                      "output_tokens": outcome.output_tokens,
-                                      "total_tokens": outcome.total_tokens},
-                               attempts=attempts)
-        if outcome.kind in ("blocked", "bad_request") or outcome.partial:
-            raise UpstreamError(f"{chosen_model} {key.label}: {outcome.detail}")
-        if outcome.kind == "unreachable":
-            raise NothingAvailable(f"cannot reach {settings.endpoint}: {outcome.detail}")
-    raise nothing_available(session, attempts)
+    """Library entry point: route one prompt and record it before returning."""
+    router = Router(settings, store)
+    try:
+        return router.route(prompt, model=model, tier=tier, on_text=on_text, out=out)
+    finally:
+        router.close()
 
 
-def ends_route(outcome: Outcome) -> bool:
-    """An answer, a failure no other model would fix, or a stream that already printed."""
-    return outcome.kind in ("ok", "blocked", "bad_request", "unreachable") \
-        or outcome.partial
-
-
-def nothing_available(session: RouteSession, attempts: list[Attempt]) -> NothingAvailable:
-    earliest = session.earliest()
-    parts = ["nothing available"]
-    if attempts:
-        last = attempts[-1]
-        parts.append(f"{len(attempts)} attempt(s), last: {last.model} {last.key}: "
-                     f"{last.detail or last.outcome}")
-    if earliest is not None:
-        until, what = earliest
-        parts.append(f"earliest: {what} in {_duration(until - time.time())}")
-        return NothingAvailable("; ".join(parts), until)
-    if session.skipped:
-        parts.append("every key is disabled or out of quota; see 'gemini-router cooldowns'")
-    return NothingAvailable("; ".join(parts))
+def known_models(settings: Settings, store: StateStore, refresh: bool = False,
+                 out: Output | None = None) -> list[dict[str, Any]]:
+    """The cached model list, or a fresh one (see Router.models)."""
+    router = Router(settings, store)
+    try:
+        return router.models(refresh, out)
+    finally:
+        router.close()
 
 
 # ======================================================================================
@@ -1694,10 +2816,29 @@ GENERATION_OPTIONS: dict[str, Callable[[str], Any]] = {
     "stop": str, "candidate_count": int, "response_mime_type": str,
     "presence_penalty": float, "frequency_penalty": float,
 }
-OPTION_KINDS = {float: "a number", int: "an integer", str: "text"}
+def _thinking_level(text: str) -> str:
+    if text.lower() not in ("low", "high"):
+        raise ValueError(text)
+    return text.lower()
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(text)
+    return text.lower() in ("true", "1", "yes")
+
+
+OPTION_KINDS = {float: "a number", int: "an integer", str: "text",
+                _thinking_level: "low or high", _boolean: "true or false"}
 # Fields the pinned SDK (google-ai-generativelanguage 0.6.15) has no place for.
 # Options the pinned SDK's GenerationConfig has no field for: sent as JSON beside it.
-WIRE_OPTIONS: dict[str, Callable[[str], Any]] = {"seed": int}
+WIRE_OPTIONS: dict[str, Callable[[str], Any]] = {
+    "seed": int, "thinking_budget": int, "thinking_level": _thinking_level,
+    "include_thoughts": _boolean}
+# Where each wire option goes in generationConfig (JSON names; nested for thinkingConfig).
+WIRE_FIELDS = {"seed": ("seed",), "thinking_budget": ("thinkingConfig", "thinkingBudget"),
+               "thinking_level": ("thinkingConfig", "thinkingLevel"),
+               "include_thoughts": ("thinkingConfig", "includeThoughts")}
 
 
 class Output:
@@ -1784,8 +2925,14 @@ def parse_options(pairs: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
                              f"valid options: {valid}") from None
         if name == "stop":
             options.setdefault("stop_sequences", []).append(value)
+        elif name in WIRE_OPTIONS:
+            *parents, leaf = WIRE_FIELDS[name]
+            target = wire
+            for parent in parents:
+                target = target.setdefault(parent, {})
+            target[leaf] = value
         else:
-            (wire if name in WIRE_OPTIONS else options)[name] = value
+            options[name] = value
     return options, wire
 
 
@@ -1979,9 +3126,9 @@ def dry_run(settings: Settings, store: StateStore, model: str | None, tier: str 
         model = resolve_model(model, models) if model else None
         plan = plan_route(tx, models, model, tier)
         session = RouteSession(settings, plan, tx.router["next_key"])
-        choice = session.next_choice(tx, now, reserve=False)
-    skipped = [{"target": what, "until": until, "reason": why}
-               for what, (until, why) in session.skipped.items()]
+        choice = session.choose(StateView(settings, tx.cooldowns, tx.router), now)
+    skipped = [{"target": what, "until": b.until, "reason": b.reason}
+               for what, b in session.skipped.items()]
     data = {"model": choice[0] if choice else None, "key": choice[1].label if choice else None,
             "why": plan.why, "order": plan.models, "skipped": skipped, "model_list": "cached"}
 
@@ -2078,26 +3225,43 @@ def cmd_stats(args: argparse.Namespace, settings: Settings, out: Output) -> int:
 
 def cooldown_entries(settings: Settings, cooldowns: dict[str, Any], router: dict[str, Any],
                      now: float) -> list[dict[str, Any]]:
-    """Everything that keeps a call from being made now: cooldowns, keys at a proactive
-    ceiling (GEMINI_ROUTER_RPM/RPD), then disabled keys."""
+    """Everything that keeps a call from being made now: cooldowns (earliest end first),
+    pairs at a ceiling or a learned limit, then disabled keys."""
     entries = [{"model": e.get("model"), "key": settings.label_of(e.get("key")),
-                "reason": e["reason"], "kind": e.get("kind"), "since": e.get("since"),
-                "until": round(e["until"], 3), "remaining_s": round(e["until"] - now, 1)}
-               for e in cooldowns["cooldowns"] if e["until"] > now]
+                "reason": e["reason"], "kind": e.get("kind"), "scope": e.get("scope", "pair"),
+                "since": e.get("since"), "until": round(effective_until(e, now), 3),
+                "remaining_s": round(effective_until(e, now) - now, 1)}
+               for e in cooldowns["cooldowns"] if effective_until(e, now) > now]
+    view = StateView(settings, cooldowns, router)
     for target in router["usage"]:
         fingerprint, _, model = target.partition("/")
         key = next((k for k in settings.keys if k.fingerprint == fingerprint), None)
-        ceiling = key and ceiling_until(router, settings, key, model, now)
-        if ceiling:
-            entries.append({"model": model, "key": key.label, "reason": ceiling[1],
-                            "kind": "ceiling", "since": None, "until": round(ceiling[0], 3),
-                            "remaining_s": round(ceiling[0] - now, 1)})
+        paced = key and view.pace_block(key, model, now)
+        if paced:
+            entries.append({"model": model, "key": key.label, "reason": paced.reason,
+                            "kind": paced.kind, "scope": "pair", "since": None,
+                            "until": round(paced.until, 3),
+                            "remaining_s": round(paced.until - now, 1)})
     entries.sort(key=lambda e: e["until"])
     entries += [{"model": None, "key": settings.label_of(fp), "reason": d.get("reason", ""),
-                 "kind": "disabled", "since": d.get("since"), "until": None,
+                 "kind": "disabled", "scope": "key", "since": d.get("since"), "until": None,
                  "remaining_s": None}
                 for fp, d in sorted(cooldowns["disabled_keys"].items())]
     return entries
+
+
+def learned_limits(settings: Settings, router: dict[str, Any]) -> list[dict[str, Any]]:
+    """The per-project limits learned from Google's quotaValue, with the keys they cover."""
+    members: dict[str, list[str]] = {}
+    for key in settings.keys:
+        members.setdefault(settings.project_id(key), []).append(key.label)
+    rows = []
+    for target, learned in sorted(router["limits"].items()):
+        project, _, model = target.partition("/")
+        rows.append({"model": model, "keys": members.get(project, [f"key?{project[:6]}"]),
+                     **{w: learned[w] for w in ("rpm", "rpd", "tpm") if learned.get(w)},
+                     "learned": learned.get("learned")})
+    return rows
 
 
 def cmd_cooldowns(args: argparse.Namespace, settings: Settings, out: Output) -> int:
@@ -2123,17 +3287,23 @@ def cmd_cooldowns(args: argparse.Namespace, settings: Settings, out: Output) -> 
 
 
 def clear_cooldowns(target: str, settings: Settings, store: StateStore, out: Output) -> int:
-    """Clear every cooldown, those of one model, or those (and the disabling) of key#N."""
+    """Clear every cooldown, those of one model, or those (and the disabling) of key#N - or of
+    a key no longer configured, named by the tag `cooldowns` shows (key?abc123)."""
     fingerprint = None
     if target.startswith("key#"):
         index = target[4:]
         if not _is_decimal(index) or not 1 <= int(index) <= len(settings.keys):
             raise UsageError(f"{target}: no such key (configured: {len(settings.keys)})")
         fingerprint = settings.keys[int(index) - 1].fingerprint
-    model = bare_model(target) if target and fingerprint is None else None
+    model = bare_model(target) if target and not target.startswith(("key#", "key?")) else None
+
     def matches(key_fp: str | None, entry_model: str | None) -> bool:
-        return not target or (fingerprint is not None and key_fp == fingerprint) \
-            or (model is not None and entry_model == model)
+        if not target:
+            return True
+        if target.startswith("key?"):
+            return key_fp is not None and key_fp.startswith(target[4:]) and len(target) > 5
+        return (fingerprint is not None and key_fp == fingerprint) or \
+            (model is not None and entry_model == model)
 
     with store.transaction() as tx:
         cooldowns, now = tx.cooldowns, time.time()
@@ -2143,11 +3313,15 @@ def clear_cooldowns(target: str, settings: Settings, store: StateStore, out: Out
                                   if not matches(e.get("key"), e.get("model"))]
         cooldowns["disabled_keys"] = {fp: d for fp, d in cooldowns["disabled_keys"].items()
                                       if not matches(fp, None)}
-        tx.router["usage"] = {k: v for k, v in tx.router["usage"].items()
-                              if not matches(*k.split("/", 1))}
-        tx.router["strikes"] = {m: n for m, n in tx.router["strikes"].items()
-                                if not matches(None, m)}
+        for name in ("usage", "strikes"):
+            tx.router[name] = {k: v for k, v in tx.router[name].items()
+                               if not matches(*k.split("/", 1))}
+        if not target:
+            tx.router["limits"] = {}
         cleared = before - len(cooldown_entries(settings, cooldowns, tx.router, now))
+    if target and not cleared:
+        raise UsageError(f"{target!r} matches no active cooldown or disabled key; "
+                         f"'{PROG} cooldowns' lists them")
     out.emit({"cleared": cleared}, lambda: f"cleared {cleared} cooldown(s)")
     return 0
 
@@ -2180,9 +3354,9 @@ def cmd_models(args: argparse.Namespace, settings: Settings, out: Output) -> int
         stats = all_stats(tx.stats)
         locked = tx.router.get("lock")
         # Which keys cannot call each model now, and until when (None = disabled key).
-        blocked = {m["name"]: {k.label: b[0] for k in settings.keys
-                               if (b := why_blocked(tx.cooldowns, tx.router, settings, k,
-                                                      m["name"], now))}
+        view = StateView(settings, tx.cooldowns, tx.router)
+        blocked = {m["name"]: {k.label: b.until for k in settings.keys
+                               if (b := view.block(k, m["name"], now))}
                    for m in shown}
         model_wide = {e["model"] for e in tx.cooldowns["cooldowns"]
                       if e["until"] > now and e.get("model") and e.get("key") is None}
@@ -2216,6 +3390,84 @@ def cmd_models(args: argparse.Namespace, settings: Settings, out: Output) -> int
                         if hidden else "")
     out.emit(data, human)
     return 0
+
+
+def cmd_keys(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    """Each configured key: fingerprint, project, state, learned limits, calls today."""
+    settings.require_keys()
+    with StateStore(settings).transaction(write=False) as tx:
+        now = time.time()
+        view = StateView(settings, tx.cooldowns, tx.router)
+        today = pacific_day(now)
+        limits = learned_limits(settings, tx.router)
+        usage = tx.router["usage"]
+        entries = cooldown_entries(settings, tx.cooldowns, tx.router, now)
+        hints = sibling_hints(settings, tx.cooldowns)
+    configured = {k.label for k in settings.keys}
+    data = []
+    for key in settings.keys:
+        disabled = view.disabled.get(key.fingerprint)
+        cooling = [{"model": e["model"], "until": e["until"], "reason": e["reason"]}
+                   for e in entries if e["key"] == key.label and e["until"] is not None]
+        state = "disabled" if disabled else "cooling" if cooling else "ok"
+        data.append({
+            "key": key.label, "fingerprint": key.fingerprint,
+            "project": settings.project_label(key),
+            "project_keys": [k.label for k in settings.project_keys(key)],
+            "state": state, "disabled_reason": disabled.get("reason") if disabled else None,
+            "cooling": cooling,
+            "limits": [lim for lim in limits if key.label in lim["keys"]],
+            "calls_today": sum(u.get("count", 0) for t, u in usage.items()
+                               if t.startswith(key.fingerprint + "/") and u.get("day") == today),
+            "sibling_hint": hints.get(key.label)})
+    orphans = sorted({e["key"] for e in entries if e["key"] and e["key"] not in configured})
+
+    def describe(d: dict[str, Any]) -> str:
+        if d["state"] == "disabled":
+            return f"disabled: {d['disabled_reason']}"
+        if d["state"] == "cooling":
+            soonest = min(d["cooling"], key=lambda c: c["until"])
+            models = sorted({c["model"] or "every model" for c in d["cooling"]})
+            shown = ", ".join(models[:3]) + (f" +{len(models) - 3}" if len(models) > 3 else "")
+            return f"cooling on {shown} (first back in {_duration(soonest['until'] - now)})"
+        return "ok"
+
+    def human() -> str:
+        table = format_table(
+            ["KEY", "FINGERPRINT", "PROJECT", "CALLS TODAY", "LIMITS", "STATE"],
+            [[d["key"], d["fingerprint"], d["project"], d["calls_today"],
+              ", ".join(f"{lim['model']}: " + "/".join(
+                  f"{lim[w]} {w}" for w in ("rpm", "rpd", "tpm") if lim.get(w))
+                  for lim in d["limits"]) or "-", describe(d)] for d in data])
+        lines = [table]
+        lines += [f"hint: {d['key']} {d['sibling_hint']}" for d in data if d["sibling_hint"]]
+        lines += [f"{tag}: a key no longer configured still has cooldowns; "
+                  f"'{PROG} cooldowns --clear {tag}' removes them" for tag in orphans]
+        return "\n".join(lines)
+    out.emit({"keys": data, "unconfigured": orphans} if out.json_mode else data, human)
+    return 0
+
+
+def sibling_hints(settings: Settings, cooldowns: dict[str, Any]) -> dict[str, str]:
+    """Keys not declared in one project that hit the same per-project limit within seconds of
+    each other are likely siblings: a hint for GEMINI_ROUTER_PROJECTS, never acted on."""
+    hits: dict[tuple[str, str], list[tuple[float, ApiKey]]] = {}
+    for e in cooldowns["cooldowns"]:
+        if "PerProject" in e.get("reason", "") and e.get("key") and e.get("model"):
+            key = next((k for k in settings.keys if k.fingerprint == e["key"]), None)
+            if key is not None:
+                hits.setdefault((e["model"], e["reason"].split("(")[-1]), []).append(
+                    (float(e.get("until", 0)), key))
+    hints: dict[str, str] = {}
+    for found in hits.values():
+        for until, key in found:
+            twins = [k.label for u, k in found if k is not key and abs(u - until) < 5
+                     and k not in settings.project_keys(key)]
+            if twins:
+                hints[key.label] = (f"may share a project with {', '.join(twins)} (they hit "
+                                    "the same per-project limit together); declare it in "
+                                    "GEMINI_ROUTER_PROJECTS")
+    return hints
 
 
 # --- the parser ------------------------------------------------------------------------
@@ -2307,6 +3559,14 @@ def build_parser() -> ArgumentParser:
                    help="attach a text file or an image, repeatable")
     p.add_argument("--schema", metavar="FILE", help="JSON schema for a JSON answer")
     p.add_argument("--stream", action="store_true", help="print the answer as it arrives")
+    p.add_argument("--max-attempts", metavar="N", default=None,
+                   type=flag_type(LIMITS["GEMINI_ROUTER_MAX_ATTEMPTS"]),
+                   help="upstream calls this route may make (default: "
+                        "$GEMINI_ROUTER_MAX_ATTEMPTS or 8)")
+    p.add_argument("--deadline", metavar="SECONDS", default=None,
+                   type=flag_type(LIMITS["GEMINI_ROUTER_DEADLINE"]),
+                   help="wall time this route may take, all attempts together (default: "
+                        "$GEMINI_ROUTER_DEADLINE or 120)")
     p.add_argument("--dry-run", action="store_true",
                    help="explain which model and key would be used; call nothing")
     p.add_argument("--wait", nargs="?", type=flag_type(Limit(0, 0, MAX_COOLDOWN_SECS)),
@@ -2338,6 +3598,8 @@ def build_parser() -> ArgumentParser:
     p = command("lock", "pin routing to one model", cmd_lock)
     p.add_argument("model", help="model name, with or without 'models/'")
     command("unlock", "remove the pin", cmd_unlock)
+    command("keys", "each configured key: project, state, learned limits, calls today (no "
+                    "network)", cmd_keys)
     p = command("models", "the discovered models, their limits and status", cmd_models)
     p.add_argument("--refresh", action="store_true", help="relist models now")
     p.add_argument("--all", action="store_true", help="include non-text models")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Speed benchmark for gemini-router (issue "Speed"). Not a test: pytest does not collect it.
 
-    python tests/bench.py [--runs N] [--quick] [--keep]
+    python tests/bench.py [--runs N] [--quick] [--keep] [--only speed,overhead,cooling,fleet]
 
 What it measures, each comparison side by side in one run (medians of N runs; the commands of
 a group are interleaved and their order rotated every run, so machine noise hits all equally):
@@ -23,6 +23,22 @@ a group are interleaved and their order rotated every run, so machine noise hits
 5. Where route's time goes: in fresh processes, ``time.perf_counter`` around the steps a route
    takes (imports, client construction, state transactions, JSON, fsync), plus
    ``-X importtime`` of ``tiers`` and ``route``.
+
+Sections 6-8 measure the routing core the gateway will use (a long-lived ``Router`` with
+``shared_rotation=False`` and its flusher), in a child process, against simulators on threads
+of this one (``--only overhead,cooling,fleet`` runs just these, about a minute):
+
+6. Router overhead over a plain SDK call (``GenerativeServiceClient(transport="rest")``), the
+   two interleaved, simulator at 5 ms: p50/p99 of route minus the same percentile of the plain
+   call, with 1, 8 and 32 threads routing at once. Targets: p50 <= 1 ms single-threaded;
+   p50 <= 2 ms and p99 <= 10 ms at 8 and 32 threads. When one is missed, a cProfile of 200
+   routes (top 15 by cumulative time) says where the time goes.
+7. A route's own CPU time (``time.process_time``) with 50 keys x 30 models, every pair cooling:
+   it must end "nothing available" (exit 4) in milliseconds, with 0 upstream calls.
+8. The 30% fleet: 5 keys, every model answering 30% of calls with an immediate 503
+   (fake_gemini ``flaky``), two keys rate-limited on every model, one invalid, vs a healthy
+   fleet at the same 20 ms per answer; 1000 routes on each, interleaved, on 4 threads.
+   Targets: >= 99.9% answered, p95 within 1.2x of the healthy fleet's.
 
 How the CLI is run: like the installed ``gemini-router`` console script. The working tree's
 ``gemini_router.py`` is copied into a temporary directory, byte-compiled there, and started
@@ -49,12 +65,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 sys.path.insert(0, str(TESTS))
-sys.path.insert(0, str(ROOT))
+# A worker child (sections 6-8) imports the installed-like copy the parent measures.
+sys.path.insert(0, os.environ.get("GR_BENCH_MODULE_DIR") or str(ROOT))
 
 from fake_gemini import FakeGemini, make_models  # noqa: E402
 
@@ -671,6 +688,462 @@ def heavy_imports(modules: dict[str, tuple[int, int, int]]) -> tuple[list[str], 
 
 
 # ======================================================================================
+# Sections 6-8: the routing core in one process (issue 10, items 3, 4 and 10)
+# ======================================================================================
+# The measured code runs in a child process (`bench.py --worker NAME PARAMS`) that imports
+# the installed-like copy of the module; the simulators stay on threads of this process, so
+# the child's interpreter lock serves only the router and the SDK, as in a gateway whose
+# upstream is Google. The child prints one JSON line; call counts are read from the
+# simulators here.
+
+CORE_LATENCY = 0.005          # section 6: the simulator's latency per answer
+FLEET_LATENCY = 0.020         # section 8: per successful answer (flaky 503s come back at once)
+OVERHEAD_THREADS = (1, 8, 32)
+OVERHEAD_P50_ONE = 1.0        # ms over a plain SDK call, single-threaded (issue 10, item 10)
+OVERHEAD_P50_MANY = 2.0       # ms at 8 and 32 threads (the gateway issue's figures at 32)
+OVERHEAD_P99_MANY = 10.0
+PROFILE_ROUTES = 200
+COOLING_KEYS, COOLING_MODELS = 50, 30
+COOLING_CPU_MS = 10           # "a route's own CPU time stays in milliseconds"
+FLEET_KEYS = 5
+FLEET_FLAKY_RATE = 0.3
+FLEET_SEED = 10
+FLEET_SUCCESS = 0.999
+FLEET_P95_RATIO = 1.2
+
+
+def bench_keys(n: int, tag: str) -> list[str]:
+    """n distinct fake keys shaped like real ones (39 characters)."""
+    return [f"AIzaSyBENCH-{tag}-{i:03d}".ljust(39, "x") for i in range(1, n + 1)]
+
+
+def core_env(url: str, state_dir: Path | str, keys: list[str]) -> dict[str, str]:
+    env = {"GEMINI_API_ENDPOINT": url, "GEMINI_ROUTER_STATE_DIR": str(state_dir)}
+    env.update({f"GEMINI_API_KEY_{i}": key for i, key in enumerate(keys, 1)})
+    return env
+
+
+def pctl(values: list[float], q: float) -> float | None:
+    """The q-th percentile (0-100), linearly interpolated."""
+    return gr.percentile(sorted(values), q / 100) if values else None
+
+
+def run_worker(setup: Setup, name: str, params: dict, timeout: float = 900) -> dict:
+    """Run `worker_<name>(params)` in a child process; its JSON answer, or {"error": ...}."""
+    env = setup.env(setup.tmp, "http://127.0.0.1:9")      # clean; the worker gets its own
+    env["GR_BENCH_MODULE_DIR"] = str(setup.site)
+    proc = subprocess.run([PY, str(Path(__file__).resolve()), "--worker", name,
+                           json.dumps(params)], env=env, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL, cwd=str(ROOT))
+    if proc.returncode:
+        return {"error": f"worker {name} exit {proc.returncode}: {proc.stderr.strip()[-800:]}"}
+    answer = json.loads(proc.stdout.strip().splitlines()[-1])
+    answer["stderr"] = proc.stderr.strip()[-2000:]
+    return answer
+
+
+# --- in the child ----------------------------------------------------------------------
+
+def core_router(url: str, state_dir: str, keys: list[str]) -> "gr.Router":
+    """A long-lived routing core as the gateway runs it: rotation in memory, answers written
+    in a batch every Router.FLUSH_EVERY seconds."""
+    settings = gr.load_settings(core_env(url, state_dir, keys))
+    router = gr.Router(settings, gr.StateStore(settings), shared_rotation=False)
+    router.start_flusher()
+    return router
+
+
+def in_threads(n: int, work: Callable[[int], None]) -> float:
+    """Run work(0..n-1) on n threads started together; the wall time."""
+    import threading
+    barrier = threading.Barrier(n + 1)
+
+    def run(tid: int) -> None:
+        barrier.wait()
+        work(tid)
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(n)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
+def profiled(fn: Callable[[], None]) -> Any:
+    """A cProfile.Profile of fn() (wall-clock timer: waits for locks and the GIL count)."""
+    import cProfile
+    prof = cProfile.Profile()
+    prof.runcall(fn)
+    return prof
+
+
+def profile_text(profiles: list, sort: str, lines: int, restrict: str | None = None) -> str:
+    """The top `lines` rows of the merged profiles by `sort`, optionally only the functions
+    whose file:line(name) matches `restrict`."""
+    import io
+    import pstats
+    buf = io.StringIO()
+    stats = pstats.Stats(profiles[0], stream=buf)
+    for prof in profiles[1:]:
+        stats.add(prof)
+    stats.strip_dirs().sort_stats(sort).print_stats(*([restrict] if restrict else []), lines)
+    text = buf.getvalue()
+    return text[text.find("   ncalls"):].rstrip() if "   ncalls" in text else text.strip()
+
+
+def worker_overhead(p: dict) -> dict:
+    """Section 6: Router.route vs a plain SDK call to the same simulator, interleaved
+    (order alternating), at 1, 8 and 32 threads routing at once."""
+    router = core_router(p["url"], p["state"], p["keys"])
+    glm = gr._import_sdk()
+    clients = [glm.GenerativeServiceClient(transport="rest", client_options={
+        "api_endpoint": p["url"], "api_key": key}) for key in p["keys"]]
+    prompt = gr.PromptRequest("hi")
+    model = router.route(prompt, model=None).model        # lists the models once
+
+    def routed(i: int) -> None:
+        result = router.route(prompt, model=None)
+        assert result.text == f"[{result.model}] hi", result.text
+
+    def plain(i: int) -> None:
+        request = glm.GenerateContentRequest(
+            model="models/" + model, contents=[glm.Content(role="user", parts=[glm.Part(text="hi")])])
+        response = clients[i % len(clients)].generate_content(request, timeout=60, retry=None)
+        assert response.candidates[0].content.parts[0].text == f"[{model}] hi"
+
+    levels = {}
+    for threads in p["threads"]:
+        per_thread = max(10, p["pairs"] // threads)
+        got: dict[str, list[float]] = {"route": [], "plain": []}
+        errors: list[str] = []
+
+        def work(tid: int) -> None:
+            mine: dict[str, list[float]] = {"route": [], "plain": []}
+            for i in range(-3, per_thread):                   # 3 warm-up pairs per thread
+                order = (("route", routed), ("plain", plain)) if (i + tid) % 2 else \
+                    (("plain", plain), ("route", routed))
+                for name, fn in order:
+                    t0 = time.perf_counter()
+                    try:
+                        fn(i + tid)
+                    except Exception as exc:  # noqa: BLE001 - counted and shown
+                        errors.append(f"{name}: {exc!r}"[:300])
+                        continue
+                    if i >= 0:
+                        mine[name].append(time.perf_counter() - t0)
+            got["route"].extend(mine["route"])   # list.extend is atomic under the GIL
+            got["plain"].extend(mine["plain"])
+        wall = in_threads(threads, work)
+        levels[str(threads)] = {"route": got["route"], "plain": got["plain"], "wall": wall,
+                                "errors": len(errors), "error_sample": errors[:3]}
+    n = p["profile_routes"]
+    one = profiled(lambda: [router.route(prompt, model=None) for _ in range(n)])
+    many: list = []                    # cProfile follows one thread: one profile per thread
+    threads = max(p["threads"])
+    in_threads(threads, lambda tid: many.append(profiled(
+        lambda: [router.route(prompt, model=None) for _ in range(max(1, n // threads))])))
+    router.close()
+    return {"model": model, "levels": levels, "profiles": {
+        f"{n} routes, 1 thread: top 15 by cumulative time, the router's own functions":
+            profile_text([one], "cumulative", 15, r"gemini_router\.py"),
+        f"{n} routes, 1 thread: top 15 by own time": profile_text([one], "tottime", 15),
+        f"{max(1, n // threads) * threads} routes on {threads} threads (all threads summed): "
+        "top 15 by cumulative time, the router's own functions":
+            profile_text(many, "cumulative", 15, r"gemini_router\.py"),
+        f"the same {threads} threads: top 15 by own time": profile_text(many, "tottime", 15)}}
+
+
+def worker_cooling(p: dict) -> dict:
+    """Section 7: a route's own CPU time when every (key, model) pair is cooling."""
+    prompt = gr.PromptRequest("hi")
+
+    def one(router: "gr.Router") -> tuple[float, float, str]:
+        c0, w0 = time.process_time(), time.perf_counter()
+        try:
+            router.route(prompt, model=None)
+            what = "answered (expected nothing available)"
+        except gr.RouterError as exc:
+            what = f"{type(exc).__name__} (exit {exc.exit_code}): {exc}"
+        return (time.process_time() - c0) * 1000, (time.perf_counter() - w0) * 1000, what
+
+    router = core_router(p["url"], p["state"], p["keys"])
+    router.client                      # the SDK import is not the route's work
+    long_lived = [one(router) for _ in range(p["routes"])]
+    router.close()
+    settings = router.settings
+    fresh = []
+    for _ in range(p["fresh"]):        # as the CLI does: a new Router and StateStore per route
+        cli_router = gr.Router(settings, gr.StateStore(settings))
+        try:
+            fresh.append(one(cli_router))
+        finally:
+            cli_router.close()
+    return {"long": long_lived, "fresh": fresh}
+
+
+def worker_fleet(p: dict) -> dict:
+    """Section 8: route the same prompts through a healthy and a troubled fleet, one route on
+    each in turn (order alternating), on a few threads."""
+    routers = {name: core_router(url, state, p["keys"]) for name, (url, state) in
+               p["fleets"].items()}
+    prompt = gr.PromptRequest("hi")
+    got: dict[str, list] = {name: [] for name in routers}
+    per_thread = p["routes"] // p["threads"]
+
+    def work(tid: int) -> None:
+        names = list(routers)
+        mine: dict[str, list] = {name: [] for name in names}
+        for i in range(per_thread):
+            for name in (names if (i + tid) % 2 else names[::-1]):
+                t0 = time.perf_counter()
+                try:
+                    result = routers[name].route(prompt, model=None)
+                    ok = result.text == f"[{result.model}] hi"
+                    row = [time.perf_counter() - t0, ok, len(result.attempts),
+                           "" if ok else f"wrong text {result.text[:80]!r}"]
+                except gr.RouterError as exc:
+                    row = [time.perf_counter() - t0, False, None,
+                           f"{type(exc).__name__} (exit {exc.exit_code}): {exc}"[:300]]
+                mine[name].append(row)
+        for name in names:
+            got[name].extend(mine[name])
+    wall = in_threads(p["threads"], work)
+    for router in routers.values():
+        router.close()
+    return {"routes": got, "wall": wall}
+
+
+WORKERS = {"overhead": worker_overhead, "cooling": worker_cooling, "fleet": worker_fleet}
+
+
+# --- in the bench process ----------------------------------------------------------------
+
+@dataclass
+class Figure:
+    """One line of the final summary: a measured figure against its target."""
+    what: str
+    value: str
+    target: str = "info"
+    ok: bool | None = None
+
+    def cells(self) -> list[str]:
+        verdict = "info" if self.ok is None else ("pass" if self.ok else "FAIL")
+        return [self.what, self.value, self.target, verdict]
+
+
+def fmt_ms2(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.2f} ms"
+
+
+def section_overhead(setup: Setup, pairs: int) -> tuple[list[str], list[Figure]]:
+    """Section 6: the router's own cost over a plain SDK call, 1/8/32 threads."""
+    progress(f"core overhead: {pairs} route + SDK pairs per level, threads "
+             f"{'/'.join(map(str, OVERHEAD_THREADS))} ...")
+    fake = setup.fake(latency=CORE_LATENCY)
+    data = run_worker(setup, "overhead", {
+        "url": fake.url, "state": str(setup.tmp / "state-core"), "keys": bench_keys(3, "CORE"),
+        "threads": list(OVERHEAD_THREADS), "pairs": pairs, "profile_routes": PROFILE_ROUTES})
+    lines = [f"== Router overhead over a plain SDK call (one process, long-lived Router, "
+             f"simulator {CORE_LATENCY * 1000:.0f} ms, 3 keys) =="]
+    if "error" in data:
+        return lines + [f"ERROR {data['error']}"], [Figure("router overhead", "ERROR", ok=False)]
+    rows, figures = [], []
+    for threads, level in data["levels"].items():
+        r, b = level["route"], level["plain"]
+        over50 = pctl(r, 50) - pctl(b, 50) if r and b else None
+        over99 = pctl(r, 99) - pctl(b, 99) if r and b else None
+        many = threads != "1"
+        checks = [(over50, OVERHEAD_P50_MANY if many else OVERHEAD_P50_ONE, "p50")]
+        if many:
+            checks.append((over99, OVERHEAD_P99_MANY, "p99"))
+        ok = level["errors"] == 0 and all(v is not None and v * 1000 <= t for v, t, _ in checks)
+        target = " / ".join(f"{name} <= {t:g} ms" for _, t, name in checks)
+        rows.append([threads, str(len(r)), fmt_ms2(pctl(r, 50)), fmt_ms2(pctl(b, 50)),
+                     fmt_ms2(over50), fmt_ms2(pctl(r, 99)), fmt_ms2(pctl(b, 99)),
+                     fmt_ms2(over99), f"{2 * len(r) / level['wall']:.0f}/s",
+                     str(level["errors"]), target, "pass" if ok else "FAIL"])
+        figures.append(Figure(f"route overhead, {threads} thread{'s' if many else ''} "
+                              "(p50 / p99)", f"{fmt_ms2(over50)} / {fmt_ms2(over99)}",
+                              target, ok))
+        for sample in level["error_sample"]:
+            lines.append(f"error at {threads} threads: {sample}")
+    lines.extend(table_lines(
+        ["threads", "pairs", "route p50", "SDK p50", "over p50", "route p99", "SDK p99",
+         "over p99", "calls/s", "errors", "target", "verdict"], rows, right=set(range(1, 10))))
+    lines.append(f"over = route percentile minus the same percentile of the plain SDK call "
+                 f"(GenerativeServiceClient(transport='rest').generate_content on "
+                 f"{data['model']}, one client per key, calls interleaved with the routes).")
+    if not all(f.ok for f in figures):
+        lines.append("")
+        lines.append("where a route's time goes (cProfile, wall clock: the wait for the "
+                     "simulator, for locks and for the interpreter lock included):")
+        for title, text in data["profiles"].items():
+            lines.append("")
+            lines.append(f"-- {title}")
+            lines.extend(text.splitlines())
+    return lines, figures
+
+
+def section_cooling(setup: Setup, routes: int) -> tuple[list[str], list[Figure]]:
+    """Section 7: a route's CPU time with every (key, model) pair cooling."""
+    progress(f"cooling: {COOLING_KEYS} keys x {COOLING_MODELS} models, all cooling ...")
+    fake = setup.fake(models=make_models(COOLING_MODELS))
+    state = setup.tmp / "state-cooling"
+    keys = bench_keys(COOLING_KEYS, "COOL")
+    settings = gr.load_settings(core_env(fake.url, state, keys))
+    store = gr.StateStore(settings)
+    lister = gr.Router(settings, store)
+    names = gr.text_model_names(lister.models())     # the model list, cached in the state
+    lister.close()
+    now = time.time()
+    with store.transaction() as tx:
+        for key in settings.keys:
+            for model in names:
+                gr.add_cooldown(tx.cooldowns, model, key.fingerprint, now + 3600,
+                                "You exceeded your current quota (GenerateRequestsPerMinute"
+                                "PerProjectPerModel-FreeTier)", "rate_limited", now, "project")
+        entries = len(tx.cooldowns["cooldowns"])
+    fake.reset_log()
+    data = run_worker(setup, "cooling", {"url": fake.url, "state": str(state), "keys": keys,
+                                         "routes": routes, "fresh": max(5, routes // 2)})
+    calls = len(fake.calls)
+    lines = [f"== A route's own CPU time, {COOLING_KEYS} keys x {len(names)} models, every "
+             f"pair cooling ({entries} cooldown entries) =="]
+    if "error" in data:
+        return lines + [f"ERROR {data['error']}"], [Figure("cooling route CPU", "ERROR", ok=False)]
+    long_lived, fresh = data["long"], data["fresh"]
+    outcomes = {row[2] for row in long_lived + fresh}
+    nothing = all(o.startswith("NothingAvailable (exit 4)") for o in outcomes)
+    med_cpu = statistics.median(r[0] for r in long_lived[1:])
+    rows = [["long-lived Router, 1st route (builds the view)", f"{long_lived[0][0]:.2f} ms",
+             f"{long_lived[0][1]:.2f} ms", "1"],
+            ["long-lived Router, later routes (median)", f"{med_cpu:.2f} ms",
+             f"{statistics.median(r[1] for r in long_lived[1:]):.2f} ms",
+             str(len(long_lived) - 1)],
+            ["new Router + StateStore per route, as the CLI (median)",
+             f"{statistics.median(r[0] for r in fresh):.2f} ms",
+             f"{statistics.median(r[1] for r in fresh):.2f} ms", str(len(fresh))]]
+    lines.extend(table_lines(["route", "CPU (process_time)", "wall", "routes"], rows,
+                             right={1, 2, 3}))
+    lines.append(f"upstream calls made by the {len(long_lived) + len(fresh)} routes: {calls} "
+                 f"(target 0): {'pass' if calls == 0 else 'FAIL'}")
+    lines.append("every route ended: " + "; ".join(sorted(o[:160] for o in outcomes)))
+    figures = [Figure("route CPU, 50 keys x 30 models cooling (median)",
+                      f"{med_cpu:.2f} ms", f"< {COOLING_CPU_MS:g} ms, exit 4",
+                      med_cpu < COOLING_CPU_MS and nothing),
+               Figure("  same, new Router per route (CLI)",
+                      f"{statistics.median(r[0] for r in fresh):.2f} ms"),
+               Figure("  upstream calls by those routes", str(calls), "0", calls == 0)]
+    return lines, figures
+
+
+def section_fleet(setup: Setup, routes: int, threads: int) -> tuple[list[str], list[Figure]]:
+    """Section 8: the 30% fleet vs a healthy one, side by side."""
+    progress(f"fleet: {routes} routes on each fleet, {threads} threads ...")
+    keys = bench_keys(FLEET_KEYS, "FLEET")
+    healthy = setup.fake(latency=FLEET_LATENCY)
+    troubled = setup.fake(latency=FLEET_LATENCY)
+    troubled.set_behaviour("flaky", rate=FLEET_FLAKY_RATE, seed=FLEET_SEED)
+    for key in keys[1:3]:
+        troubled.set_behaviour("rate_minute", key=key, retry_delay="3600s")
+    troubled.set_behaviour("invalid_key", key=keys[4])
+    fleets = {"healthy": healthy, "flaky": troubled}
+    data = run_worker(setup, "fleet", {
+        "keys": keys, "routes": routes, "threads": threads,
+        "fleets": {name: [f.url, str(setup.tmp / f"state-fleet-{name}")]
+                   for name, f in fleets.items()}})
+    lines = [f"== The 30% fleet: {FLEET_KEYS} keys, every model answering "
+             f"{FLEET_FLAKY_RATE:.0%} of calls with an immediate 503, key#2 and key#3 "
+             "rate-limited on every model (retryDelay 3600s), key#5 invalid; vs a healthy "
+             f"fleet; {FLEET_LATENCY * 1000:.0f} ms per answer; long-lived Router, "
+             f"{threads} threads, routes interleaved =="]
+    if "error" in data:
+        return lines + [f"ERROR {data['error']}"], [Figure("30% fleet", "ERROR", ok=False)]
+    rows, stats = [], {}
+    for name, fake in fleets.items():
+        got = data["routes"][name]
+        times = [r[0] for r in got]
+        ok = sum(1 for r in got if r[1])
+        generate = [c for c in fake.calls if c.action == "generate"]
+        by_status: dict[int, int] = {}
+        for c in generate:
+            by_status[c.status] = by_status.get(c.status, 0) + 1
+        stats[name] = {"n": len(got), "ok": ok, "p50": pctl(times, 50), "p95": pctl(times, 95),
+                       "p99": pctl(times, 99), "calls": len(generate) / max(1, len(got)),
+                       "failures": sorted({r[3] for r in got if not r[1]})}
+        rows.append([name, str(len(got)), f"{ok / max(1, len(got)):.1%}",
+                     fmt_ms2(stats[name]["p50"]), fmt_ms2(stats[name]["p95"]),
+                     fmt_ms2(stats[name]["p99"]), f"{stats[name]['calls']:.2f}",
+                     ", ".join(f"{s}: {n}" for s, n in sorted(by_status.items())),
+                     str(fake.count(action=("list", "get")))])
+    lines.extend(table_lines(["fleet", "routes", "success", "p50", "p95", "p99",
+                              "calls/route", "upstream statuses", "list/get calls"], rows,
+                             right={1, 2, 3, 4, 5, 6, 8}))
+    h, f = stats["healthy"], stats["flaky"]
+    ratio50 = f["p50"] / h["p50"] if h["p50"] else None
+    ratio95 = f["p95"] / h["p95"] if h["p95"] else None
+    success = f["ok"] / max(1, f["n"])
+    lines.append(f"flaky vs healthy: p50 {ratio50:.2f}x, p95 {ratio95:.2f}x (target <= "
+                 f"{FLEET_P95_RATIO}x): {'pass' if ratio95 <= FLEET_P95_RATIO else 'FAIL'}; "
+                 f"success {success:.1%} (target >= {FLEET_SUCCESS:.1%}): "
+                 f"{'pass' if success >= FLEET_SUCCESS else 'FAIL'}")
+    for name in fleets:
+        for failure in stats[name]["failures"][:5]:
+            lines.append(f"{name} failure: {failure}")
+    figures = [Figure("30% fleet: routes answered", f"{success:.1%} of {f['n']}",
+                      f">= {FLEET_SUCCESS:.1%}", success >= FLEET_SUCCESS),
+               Figure("30% fleet: p95 vs healthy", f"{fmt_ms2(f['p95'])} vs "
+                      f"{fmt_ms2(h['p95'])} = {ratio95:.2f}x", f"<= {FLEET_P95_RATIO}x",
+                      ratio95 <= FLEET_P95_RATIO),
+               Figure("  p50 vs healthy", f"{fmt_ms2(f['p50'])} vs {fmt_ms2(h['p50'])} = "
+                      f"{ratio50:.2f}x"),
+               Figure("  upstream calls per route", f"{f['calls']:.2f} (healthy "
+                      f"{h['calls']:.2f})")]
+    return lines, figures
+
+
+def table_lines(headers: list[str], rows: list[list[str]], right: set[int] = frozenset()
+                ) -> list[str]:
+    """print_table's output as lines."""
+    import io
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        print_table(headers, rows, right)
+    return buf.getvalue().splitlines()
+
+
+def run_core(setup: Setup, sections: set[str], args: argparse.Namespace) -> int:
+    """Sections 6-8, each on its own simulator; their reports, then the summary table."""
+    reports: list[list[str]] = []
+    figures: list[Figure] = []
+    if "overhead" in sections:
+        lines, figs = section_overhead(setup, args.pairs)
+        reports.append(lines)
+        figures += figs
+    if "cooling" in sections:
+        lines, figs = section_cooling(setup, args.cooling_routes)
+        reports.append(lines)
+        figures += figs
+    if "fleet" in sections:
+        lines, figs = section_fleet(setup, args.fleet_routes, args.fleet_threads)
+        reports.append(lines)
+        figures += figs
+    for lines in reports:
+        print()
+        print("\n".join(lines))
+    if figures:
+        print()
+        print("== Routing core: summary ==")
+        print_table(["figure", "measured", "target", "verdict"], [f.cells() for f in figures])
+    if hasattr(os, "getloadavg"):
+        print("load average at end: " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+              + f" ({os.cpu_count()} cores)")
+    return 1 if any(f.ok is False for f in figures) else 0
+
+
+# ======================================================================================
 # Main
 # ======================================================================================
 
@@ -711,21 +1184,56 @@ def machine_header(runs: int) -> list[str]:
     ]
 
 
+SECTIONS = {"speed": "sections 1-5: the CLI side by side with its baselines",
+            "overhead": "section 6: Router overhead over a plain SDK call, 1/8/32 threads",
+            "cooling": "section 7: a route's CPU time, 50 keys x 30 models all cooling",
+            "fleet": "section 8: the 30% fleet vs a healthy one"}
+
+
+def sections_arg(text: str) -> set[str]:
+    chosen = {s.strip() for s in text.split(",") if s.strip()}
+    unknown = chosen - set(SECTIONS)
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"sections are {', '.join(SECTIONS)}; got {text!r}")
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=None, help="runs per command (default 15; 5 with --quick)")
     ap.add_argument("--quick", action="store_true", help="fewer runs and repetitions")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    ap.add_argument("--only", type=sections_arg, default=set(SECTIONS), metavar="S[,S...]",
+                    help="run only these sections: " + "; ".join(
+                        f"{k} = {v}" for k, v in SECTIONS.items()))
+    ap.add_argument("--pairs", type=int, default=None,
+                    help="route + SDK pairs per thread count in section 6 (default 600; 300 "
+                         "with --quick)")
+    ap.add_argument("--cooling-routes", type=int, default=30, help="routes timed in section 7")
+    ap.add_argument("--fleet-routes", type=int, default=1000,
+                    help="routes on each fleet in section 8 (default 1000)")
+    ap.add_argument("--fleet-threads", type=int, default=4, help="threads in section 8")
+    ap.add_argument("--worker", nargs=2, metavar=("NAME", "PARAMS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.worker:
+        name, params = args.worker
+        print(json.dumps(WORKERS[name](json.loads(params))))
+        return 0
     runs = args.runs or (5 if args.quick else 15)
     procs = 3 if args.quick else 5                   # fresh processes for the route profile
     reps = 5 if args.quick else 15                   # repetitions of warm steps inside one
     itime_runs = 1 if args.quick else 3
+    args.pairs = args.pairs or (300 if args.quick else 600)
 
     header = machine_header(runs)
     setup = Setup(args.keep)
     try:
-        return run_all(setup, runs, procs, reps, itime_runs, header)
+        code = 0
+        if "speed" in args.only:
+            code = run_all(setup, runs, procs, reps, itime_runs, header)
+        else:
+            print("\n".join(header[:-2]))
+        return run_core(setup, args.only, args) or code
     finally:
         setup.close()
 

@@ -80,6 +80,11 @@ too_long                400 "The input token count (N) exceeds the maximum numbe
 no_thinking             400 "Thinking is not supported by this model."
 error500                500 INTERNAL
 unavailable             503 UNAVAILABLE "The model is overloaded. Please try again later."
+flaky                   with probability ``rate`` (0.3) answer like unavailable, else like ok;
+                        each rule draws from its own ``random.Random(seed)`` (``seed`` None:
+                        unseeded), one draw per call it applies to. The 503 comes back at once,
+                        without the configured latency (a real overload error is immediate);
+                        the answers carry it
 gateway_timeout         504 DEADLINE_EXCEEDED
 slow                    wait ``seconds`` (1.0), then answer ok
 hang                    never answer: wait until stop() or ``seconds`` (3600) pass, then drop the
@@ -186,6 +191,7 @@ import datetime
 import itertools
 import json
 import math
+import random
 import socket
 import sys
 import threading
@@ -727,7 +733,7 @@ _ERROR_BUILDERS: dict[str, Callable[[_Ctx], dict]] = {
     "gateway_timeout": _plain(504, "Deadline expired before operation could complete."),
 }
 
-_OTHER_BEHAVIOURS = frozenset({"slow", "hang", "html502", "nonjson_error", "empty200"})
+_OTHER_BEHAVIOURS = frozenset({"slow", "hang", "html502", "nonjson_error", "empty200", "flaky"})
 
 BEHAVIOURS = frozenset(_ERROR_BUILDERS) | _CONTENT_BEHAVIOURS | _STREAM_FAILURES | \
     _OTHER_BEHAVIOURS
@@ -915,6 +921,8 @@ class _Rule:
     behaviour: str
     params: dict = field(default_factory=dict)
     remaining: int | None = None
+    rng: random.Random | None = None      # flaky: the rule's own seeded draws
+    immediate: bool = False               # answered without the configured latency
 
 
 @dataclass
@@ -1144,6 +1152,8 @@ class FakeGemini:
         if key is not None and project is not None:
             raise ValueError("a rule names a key or a project, not both")
         rule = _Rule(behaviour, dict(params), times)
+        if behaviour == "flaky":
+            rule.rng = random.Random(params.get("seed"))
         with self._lock:
             if project is not None:
                 self._project_rules[(project, _bare(model))] = rule
@@ -1254,6 +1264,10 @@ class FakeGemini:
                     rule.remaining -= 1
                     if rule.remaining <= 0:
                         del table[ck]
+                if rule.behaviour == "flaky":      # drawn under the lock: seeded runs repeat
+                    if rule.rng.random() < float(rule.params.get("rate", 0.3)):
+                        return _Rule("unavailable", dict(rule.params), immediate=True)
+                    return _Rule("ok", dict(rule.params))
                 return _Rule(rule.behaviour, dict(rule.params))
         return _Rule("ok")
 
@@ -1385,7 +1399,7 @@ class FakeGemini:
             return
 
         rule = self._pick(key, project, model, action)
-        if self._wait(self._latency_for(model)):
+        if not rule.immediate and self._wait(self._latency_for(model)):
             raise _Dropped()
         b, params = rule.behaviour, rule.params
 

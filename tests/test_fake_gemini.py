@@ -3,6 +3,7 @@
 import http.client
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -286,6 +287,26 @@ def test_times_expiry(fake):
         with pytest.raises(gx.ServiceUnavailable):
             generate(fake)
     assert text_of(generate(fake))
+
+
+def test_flaky_draws_from_its_seeded_rng_and_fails_fast(fake):
+    fake.set_latency(0.2)
+    fake.set_behaviour("flaky", rate=0.5, seed=1234)
+    draws = random.Random(1234)
+    expected = [draws.random() < 0.5 for _ in range(40)]   # one draw per call, like the fake
+    failed, fast, slow = 0, [], []
+    for _ in range(40):
+        t0 = time.monotonic()
+        try:
+            assert text_of(generate(fake)) == "[gemini-2.5-flash] hello there world"
+            slow.append(time.monotonic() - t0)
+        except gx.ServiceUnavailable as e:
+            assert e.message.endswith(": The model is overloaded. Please try again later.")
+            failed += 1
+            fast.append(time.monotonic() - t0)
+    assert failed == sum(expected) and 10 <= failed <= 30
+    assert [c.status for c in fake.calls] == [503 if x else 200 for x in expected]
+    assert max(fast) < 0.15 and min(slow) >= 0.2      # only the answers carry the latency
 
 
 def test_precedence(fake):
