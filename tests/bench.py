@@ -910,9 +910,20 @@ def worker_fleet(p: dict) -> dict:
         for name in names:
             got[name].extend(mine[name])
     wall = in_threads(p["threads"], work)
+    n, troubled = p["profile_routes"], routers[p["profile"]]
+
+    def attempt_all() -> None:
+        for _ in range(n):
+            with contextlib.suppress(gr.RouterError):
+                troubled.route(prompt, model=None)
+    prof = profiled(attempt_all)
     for router in routers.values():
         router.close()
-    return {"routes": got, "wall": wall}
+    return {"routes": got, "wall": wall, "profiles": {
+        f"{n} more routes on the {p['profile']} fleet, 1 thread: top 15 by cumulative time, "
+        "the router's own functions": profile_text([prof], "cumulative", 15,
+                                                   r"gemini_router\.py"),
+        "the same: top 15 by own time": profile_text([prof], "tottime", 15)}}
 
 
 WORKERS = {"overhead": worker_overhead, "cooling": worker_cooling, "fleet": worker_fleet}
@@ -1051,7 +1062,8 @@ def section_fleet(setup: Setup, routes: int, threads: int) -> tuple[list[str], l
     troubled.set_behaviour("invalid_key", key=keys[4])
     fleets = {"healthy": healthy, "flaky": troubled}
     data = run_worker(setup, "fleet", {
-        "keys": keys, "routes": routes, "threads": threads,
+        "keys": keys, "routes": routes, "threads": threads, "profile": "flaky",
+        "profile_routes": PROFILE_ROUTES,
         "fleets": {name: [f.url, str(setup.tmp / f"state-fleet-{name}")]
                    for name, f in fleets.items()}})
     lines = [f"== The 30% fleet: {FLEET_KEYS} keys, every model answering "
@@ -1092,6 +1104,13 @@ def section_fleet(setup: Setup, routes: int, threads: int) -> tuple[list[str], l
     for name in fleets:
         for failure in stats[name]["failures"][:5]:
             lines.append(f"{name} failure: {failure}")
+    by_attempts: dict[int, list[float]] = {}
+    for row in data["routes"]["flaky"]:
+        if row[1]:
+            by_attempts.setdefault(min(row[2], 4), []).append(row[0])
+    lines.append("flaky fleet, answered routes by upstream calls: " + "; ".join(
+        f"{k}{'+' if k == 4 else ''} call{'s' if k > 1 else ''}: {len(v)} routes, p50 "
+        f"{fmt_ms2(pctl(v, 50))}" for k, v in sorted(by_attempts.items())))
     figures = [Figure("30% fleet: routes answered", f"{success:.1%} of {f['n']}",
                       f">= {FLEET_SUCCESS:.1%}", success >= FLEET_SUCCESS),
                Figure("30% fleet: p95 vs healthy", f"{fmt_ms2(f['p95'])} vs "
@@ -1101,6 +1120,13 @@ def section_fleet(setup: Setup, routes: int, threads: int) -> tuple[list[str], l
                       f"{ratio50:.2f}x"),
                Figure("  upstream calls per route", f"{f['calls']:.2f} (healthy "
                       f"{h['calls']:.2f})")]
+    if not all(fig.ok is not False for fig in figures):
+        lines.append("")
+        lines.append("where the flaky fleet's time goes (cProfile, wall clock):")
+        for title, text in data["profiles"].items():
+            lines.append("")
+            lines.append(f"-- {title}")
+            lines.extend(text.splitlines())
     return lines, figures
 
 

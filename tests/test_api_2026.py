@@ -681,6 +681,7 @@ def generate_calls(fake):
     (["thinking_level=low"], {"thinkingLevel": "low"}),
     (["thinking_level=high"], {"thinkingLevel": "high"}),
     (["include_thoughts=true"], {"includeThoughts": True}),
+    (["include_thoughts=false"], {"includeThoughts": False}),
     (["thinking_budget=4", "include_thoughts=true"],
      {"thinkingBudget": 4, "includeThoughts": True}),
 ])

@@ -560,35 +560,63 @@ def big_sample(**fields) -> dict:
             "prompt_tokens": 3, "output_tokens": 4, **fields}
 
 
-BIG_NUMBERS = {   # case -> (file, document body)
-    "latency-400-digits": ("model_stats.json",
-                           {"models": {"gemini-2.5-flash": [big_sample(latency=HUGE)]}}),
-    "prompt-tokens-400-digits": ("model_stats.json",
-                                 {"models": {"gemini-2.5-flash": [big_sample(prompt_tokens=HUGE)]}}),
-    "output-tokens-400-digits": ("model_stats.json",
-                                 {"models": {"gemini-2.5-flash": [big_sample(output_tokens=HUGE)]}}),
-    "cooldown-until-400-digits": ("cooldowns.json", {"cooldowns": [
-        {"model": "gemini-2.5-flash", "key": None, "until": HUGE, "reason": "x"}],
-        "disabled_keys": {}}),
+BIG_NUMBERS = {   # case -> (file, the list the bad entry joins, the entry)
+    "latency-400-digits": ("model_stats.json", ("models", "gemini-2.5-flash"),
+                           big_sample(latency=HUGE)),
+    "prompt-tokens-400-digits": ("model_stats.json", ("models", "gemini-2.5-flash"),
+                                 big_sample(prompt_tokens=HUGE)),
+    "output-tokens-400-digits": ("model_stats.json", ("models", "gemini-2.5-flash"),
+                                 big_sample(output_tokens=HUGE)),
+    "cooldown-until-400-digits": ("cooldowns.json", ("cooldowns",),
+                                  {"model": "gemini-2.5-flash", "key": None, "until": HUGE,
+                                   "reason": "x"}),
 }
 # (an `until` of 1e18 is a float and already covered by ODD_NUMBERS above)
+READERS = {"model_stats.json": {"stats", "tiers"}, "cooldowns.json": {"cooldowns"}}
+DROPPED_ONE = "dropped 1 unreadable entry, kept the rest"
 
 
 @pytest.mark.parametrize("case", list(BIG_NUMBERS))
-def test_numbers_too_big_to_compute_with_set_the_file_aside(warmed, run_main, case):
-    name, body = BIG_NUMBERS[case]
-    bad = json.dumps({"schema": 1, "kind": f"gemini-router/{STATE_FILES[name]}",
-                      **body}).encode()
-    (warmed.state_dir / name).write_bytes(bad)
-    runs = [run_main(*args) for args in (("stats", "--json"), ("cooldowns", "--json"),
-                                         ("tiers", "--json"))]
-    assert [r.code for r in runs] == [0, 0, 0], [r.err for r in runs]
-    for r in runs:
+def test_numbers_too_big_to_compute_with_drop_that_entry_only(warmed, run_main, case):
+    """A number no float can hold makes its entry unreadable, not the file: every command
+    that reads the file says so once and keeps the rest (readers write nothing); the next
+    write saves the cleaned file and keeps the original aside, and then nothing is said."""
+    name, where, entry = BIG_NUMBERS[case]
+    path = warmed.state_dir / name
+    doc = json.loads(path.read_text())
+    target = doc
+    for step in where:
+        target = target[step]
+    target.append(entry)
+    bad = json.dumps(doc).encode()
+    path.write_bytes(bad)
+
+    runs = {cmd: run_main(cmd, "--json") for cmd in ("stats", "cooldowns", "tiers")}
+    assert {cmd: r.code for cmd, r in runs.items()} == {"stats": 0, "cooldowns": 0, "tiers": 0}
+    for cmd, r in runs.items():
         strict_json(r.out)
-    warning = one_line("".join(r.err for r in runs))       # said once, by the first reader
-    assert warning.startswith("gemini-router: warning: ") and name in warning
-    assert [p.read_bytes() for p in set_aside_files(warmed.state_dir, name)] == [bad]
-    assert ".corrupt-" in warning
+        if cmd in READERS[name]:
+            one_line(r.err)
+            assert r.err == f"gemini-router: warning: state file {path}: {DROPPED_ONE}\n"
+        else:
+            assert r.err == "", cmd
+    # the rest is kept: warm-up's sample and key#1's cooldown on gemini-2.5-flash
+    assert runs["stats"].json()["gemini-2.5-flash"]["samples"] == 1
+    assert [(e["model"], e["key"], e["kind"]) for e in runs["cooldowns"].json()] == [
+        ("gemini-2.5-flash", "key#1", "rate_limited")]
+    assert path.read_bytes() == bad and set_aside_files(warmed.state_dir, name) == []
+
+    r = run_main("route", "write it back", env=BIG_WINDOW)   # a writer saves the clean file
+    assert r.code == 0
+    one_line(r.err)
+    (kept,) = set_aside_files(warmed.state_dir, name)
+    assert r.err == (f"gemini-router: warning: state file {path}: {DROPPED_ONE} "
+                     f"(original saved as {kept.name})\n")
+    assert kept.read_bytes() == bad
+    assert_state_intact_but(warmed.state_dir, name)
+    for cmd in ("stats", "cooldowns", "tiers"):
+        again = run_main(cmd, "--json")
+        assert (again.code, again.err) == (0, ""), cmd
 
 
 def test_readers_honour_file_overrides_when_the_state_dir_is_gone(run_main, fake, state_dir,
@@ -603,7 +631,7 @@ def test_readers_honour_file_overrides_when_the_state_dir_is_gone(run_main, fake
     shutil.rmtree(state_dir)                                 # only the lock file lived there
     stats = run_main("stats", "--json", env=env)
     assert (stats.code, stats.err) == (0, "")
-    assert stats.json()["gemini-2.5-flash"]["samples"] == 2
+    assert stats.json()["gemini-2.5-flash"]["samples"] == 1    # key#2's answer; a 429 is none
     cooldowns = run_main("cooldowns", "--json", env=env)
     assert (cooldowns.code, cooldowns.err) == (0, "")
     assert [(e["model"], e["key"]) for e in cooldowns.json()] == [("gemini-2.5-flash", "key#1")]
