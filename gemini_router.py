@@ -58,10 +58,10 @@ STATE_FILE_NAMES = {"stats": "model_stats.json", "router": "router_state.json",
 STATE_FILE_ENV = {"stats": "STATS_FILE", "router": "STATE_FILE", "cooldowns": "COOLDOWN_FILE"}
 SCHEMA_VERSION = 1
 
-# Models a fresh install routes to before any `rank` has measured anything: fast,
-# generally available text models first; the rest follow in Quality order.
-DEFAULT_PREFERENCE = ("gemini-2.5-flash", "gemini-2.0-flash", "gemini-2.5-flash-lite",
-                      "gemini-2.0-flash-lite", "gemini-2.5-pro")
+# Before anything is measured, routes try Google's stable aliases first, when the list has
+# them (they follow models as Google replaces them); the rest of the live list follows by
+# family rule (`default_order`). No dated model name here: named models get shut down.
+DEFAULT_PREFERENCE = ("gemini-flash-latest", "gemini-flash-lite-latest", "gemini-pro-latest")
 # A model whose name carries one of these words is not a text model, whatever methods it lists.
 NON_TEXT_WORDS = ("embed", "image", "imagen", "tts", "audio", "live", "veo", "aqa", "lyria",
                   "computer-use", "nano-banana", "robotics", "transcri", "native-audio")
@@ -1915,14 +1915,17 @@ def clear_recovered(tx: StateTransaction, key: ApiKey, model: str) -> None:
 class ModelStats:
     model: str
     samples: int                  # every sample in the window
-    judged: int                   # samples that say something about the model
-    success_rate: float | None    # answered / judged
+    judged: int                   # samples that count in the success rate (see summarize)
+    success_rate: float | None    # successes / judged
     latency_p50_s: float | None   # over successful answers
     latency_p95_s: float | None
     prompt_tokens_avg: float | None
     output_tokens_avg: float | None
     outcomes: dict[str, int]
     last_t: float | None
+    latency_samples: int = 0      # successful answers: the latencies behind p50 and p95
+    latency_mad_s: float | None = None   # their median absolute deviation (>= 3 answers)
+    excluded: int = 0             # verdict samples of keys that never worked on this model
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -1936,7 +1939,17 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 def summarize(model: str, samples: list[dict[str, Any]]) -> ModelStats:
-    judged = [s for s in samples if s["kind"] in MODEL_VERDICTS]
+    """One model's window summarised.
+
+    The success rate counts only what says something about the model: samples whose kind
+    is in MODEL_VERDICTS. Health is per key x model, so when at least one key has succeeded
+    on this model, the samples of keys that never succeeded on it are left out (`excluded`):
+    a key without access or quota for the model must not make a working model look broken.
+    When no key has succeeded, every verdict counts - then the model itself is failing.
+    Latency (p50, p95, MAD) is over successful answers (kind "ok") only."""
+    verdicts = [s for s in samples if s["kind"] in MODEL_VERDICTS]
+    working_keys = {s.get("key") for s in verdicts if s["ok"]}
+    judged = [s for s in verdicts if not working_keys or s.get("key") in working_keys]
     good = [s for s in samples if s["kind"] == "ok"]
     latencies = sorted(float(s.get("latency", 0.0)) for s in good)
     outcomes: dict[str, int] = {}
@@ -1952,7 +1965,17 @@ def summarize(model: str, samples: list[dict[str, Any]]) -> ModelStats:
         latency_p50_s=round(percentile(latencies, 0.5), 4) if latencies else None,
         latency_p95_s=round(percentile(latencies, 0.95), 4) if latencies else None,
         prompt_tokens_avg=mean("prompt_tokens"), output_tokens_avg=mean("output_tokens"),
-        outcomes=outcomes, last_t=max((s["t"] for s in samples), default=None))
+        outcomes=outcomes, last_t=max((s["t"] for s in samples), default=None),
+        latency_samples=len(latencies), latency_mad_s=median_abs_deviation(latencies),
+        excluded=len(verdicts) - len(judged))
+
+
+def median_abs_deviation(sorted_values: list[float]) -> float | None:
+    """The spread of a latency sample: None below 3 values, where it means nothing."""
+    if len(sorted_values) < 3:
+        return None
+    middle = percentile(sorted_values, 0.5)
+    return round(percentile(sorted(abs(v - middle) for v in sorted_values), 0.5), 4)
 
 
 def all_stats(stats_doc: dict[str, Any]) -> dict[str, ModelStats]:
@@ -1963,11 +1986,29 @@ def all_stats(stats_doc: dict[str, Any]) -> dict[str, ModelStats]:
 # ======================================================================================
 # Tiers: percentile cuts of Fast, Quality and Balance scores
 # ======================================================================================
-# Per metric, ranked models are ordered best first; the model at position i of n has
-# percentile p = (i + 0.5) / n and gets S (p <= 0.2), A (<= 0.5), B (<= 0.8) or C. Equal
-# scores share the tier of the best position among them.
+# Per metric, graded models are ordered best first; the model at position i of n has
+# percentile p = (i + 0.5) / n and gets S (p <= 0.2), A (<= 0.5), B (<= 0.8) or C. Models
+# that tie share the tier of the best position among them. What ties: the same capability
+# (Quality), medians within measurement noise (Fast), equal scores (Balance). Quality grades
+# every listed model from the model list alone; Fast and Balance grade only measured models
+# (at least one successful answer) - the others are C, never tied with working ones.
 
 TIER_NAMES = ("fast", "quality", "balance")
+TRUSTED_ANSWERS = 3        # Fast/Balance letters resting on fewer answers are provisional
+# Two median latencies tie when they differ by less than the largest of:
+NOISE_FLOOR_S = 0.05       # network jitter: no single call resolves less
+NOISE_RELATIVE = 0.25      # call-to-call variation, as a share of the faster median
+NOISE_STANDARD_ERRORS = 2  # x the medians' combined standard error (needs >= 3 answers)
+SPEED_SPAN = 30            # Balance: a model this many times slower than the fastest has
+#                            speed 0 (log scale between)
+# Gemini families, most capable first. Other Gemini models rank below these, and models of
+# other lines (Gemma, LearnLM, ...) below every Gemini model.
+GEMINI_FAMILIES = ("ultra", "pro", "flash", "flash-lite")
+# A fresh install tries Google's stable aliases first (DEFAULT_PREFERENCE), then these
+# families in this order (newest generation first, stable before preview), then the rest
+# by capability: fast, widely available models first, with no model name written in.
+DEFAULT_FAMILY_ORDER = ("flash", "flash-lite", "pro")
+PREVIEW_WORDS = ("preview", "exp", "experimental")
 
 
 def tier_for_position(i: int, n: int) -> str:
@@ -1975,32 +2016,246 @@ def tier_for_position(i: int, n: int) -> str:
     return "S" if p <= 0.2 else "A" if p <= 0.5 else "B" if p <= 0.8 else "C"
 
 
+def group_runs(ordered: list[str], ties: Callable[[list[str], str], bool]) -> list[list[str]]:
+    """Best-first models grouped while `ties(group, model)`: each rule compares a model with
+    its group's first member, not the previous one, so small steps cannot chain a slow
+    model into a fast one's group."""
+    groups: list[list[str]] = []
+    for model in ordered:
+        if groups and ties(groups[-1], model):
+            groups[-1].append(model)
+        else:
+            groups.append([model])
+    return groups
+
+
+def tiers_by_group(groups: list[list[str]]) -> dict[str, str]:
+    """Each group gets the tier of its best (first) position among all grouped models."""
+    n = sum(len(g) for g in groups)
+    tiers: dict[str, str] = {}
+    position = 0
+    for group in groups:
+        for model in group:
+            tiers[model] = tier_for_position(position, n)
+        position += len(group)
+    return tiers
+
+
 def assign_tiers(scores: dict[str, Any]) -> dict[str, str]:
     """Tiers for models whose scores sort ascending best-first (lower is better)."""
     ordered = sorted(scores, key=lambda m: (scores[m], m))
-    tiers: dict[str, str] = {}
-    for i, model in enumerate(ordered):
-        previous = ordered[i - 1] if i else None
-        if previous is not None and scores[previous] == scores[model]:
-            tiers[model] = tiers[previous]
-        else:
-            tiers[model] = tier_for_position(i, len(ordered))
-    return tiers
+    return tiers_by_group(group_runs(ordered, lambda g, m: scores[g[0]] == scores[m]))
+
+
+# --- Fast: latency, with ties inside measurement noise --------------------------------
+
+def median_error(stats: ModelStats) -> float:
+    """Standard error of a median latency: 1.2533 x sigma / sqrt(n), sigma = 1.4826 x MAD.
+
+    0 below 3 answers, where the spread is unknown and the relative threshold stands in."""
+    if stats.latency_mad_s is None or stats.latency_samples < 3:
+        return 0.0
+    return 1.2533 * 1.4826 * stats.latency_mad_s / math.sqrt(stats.latency_samples)
+
+
+def latency_noise(a: ModelStats, b: ModelStats) -> float:
+    """How far apart two measured medians must be before they tell two models apart."""
+    faster = min(a.latency_p50_s or 0.0, b.latency_p50_s or 0.0)
+    return max(NOISE_FLOOR_S, NOISE_RELATIVE * faster,
+               NOISE_STANDARD_ERRORS * math.hypot(median_error(a), median_error(b)))
+
+
+def within_noise(a: ModelStats, b: ModelStats) -> bool:
+    return abs((a.latency_p50_s or 0.0) - (b.latency_p50_s or 0.0)) < latency_noise(a, b)
+
+
+def fast_groups(stats: dict[str, ModelStats]) -> list[list[str]]:
+    """Measured models, lowest median latency first, grouped while within noise of the
+    group's fastest member; an equal median always joins its twin's group (the noise term
+    differs with each model's spread, equal medians must still share a tier). Models with
+    no successful answer are left out."""
+    measured = sorted((m for m, s in stats.items() if s.latency_p50_s is not None),
+                      key=lambda m: (stats[m].latency_p50_s, m))
+
+    def ties(group: list[str], model: str) -> bool:
+        return within_noise(stats[group[0]], stats[model]) or \
+            stats[group[-1]].latency_p50_s == stats[model].latency_p50_s
+    return group_runs(measured, ties)
+
+
+# --- Quality: capability from the model list -------------------------------------------
+
+@dataclass(frozen=True)
+class Capability:
+    """What the model list says about a model, in the order it counts for Quality."""
+    family: str                   # GEMINI_FAMILIES, "gemini" (other Gemini), else the name's
+    #                               first word (gemma, learnlm, ...)
+    generation: str | None        # from the name ("2.5"); an alias: the newest listed
+    alias: bool                   # gemini-*-latest
+    size_b: float | None          # parameters in billions, when the name says ("27b")
+    thinking: bool | None         # None: the list does not say
+    output_limit: int
+    input_limit: int
+
+    def rank_key(self) -> tuple[float, ...]:
+        """Higher is more capable: family, generation, size, thinking, output, input."""
+        return (family_level(self.family), *version_key(self.generation), self.size_b or 0.0,
+                float(self.thinking is True), self.output_limit, self.input_limit)
+
+    def describe(self) -> str:
+        """The Quality basis in words: 'pro 2.5, thinking, out 65536'."""
+        words = [self.family]
+        if self.generation:
+            words.append(self.generation + (" (latest)" if self.alias else ""))
+        if self.size_b:
+            words.append(f"{_fmt_num(self.size_b, 1)}b")
+        text = " ".join(words)
+        if self.thinking:
+            text += ", thinking"
+        return text + (f", out {self.output_limit}" if self.output_limit else "")
+
+
+def family_level(family: str) -> int:
+    """ultra 4, pro 3, flash 2, flash-lite 1, other Gemini 0, other lines -1."""
+    if family in GEMINI_FAMILIES:
+        return len(GEMINI_FAMILIES) - GEMINI_FAMILIES.index(family)
+    return 0 if family == "gemini" else -1
+
+
+def version_key(generation: str | None) -> tuple[int, int]:
+    """'2.5' -> (2, 5), '3' -> (3, 0); unknown sorts below every known generation."""
+    if not generation:
+        return (-1, -1)
+    parts = [int(p) for p in generation.split(".")]
+    return (parts[0], parts[1] if len(parts) > 1 else 0)
+
+
+def _version_word(word: str) -> str | None:
+    """'2.5' or '3' (a generation); not '1206' or '001' (dates and revisions)."""
+    parts = word.split(".")
+    return word if len(parts) <= 2 and all(p.isdigit() and len(p) <= 2 for p in parts) \
+        else None
+
+
+def _size_word(word: str) -> float | None:
+    number = word[:-1]
+    if word.endswith("b") and number.replace(".", "", 1).isdigit():
+        return float(number)
+    return None
+
+
+def is_preview(name: str) -> bool:
+    return any(w in PREVIEW_WORDS for w in bare_model(name).lower().split("-"))
+
+
+def model_family(words: list[str]) -> str:
+    if words[0] != "gemini":
+        return words[0] or "?"
+    for i, word in enumerate(words):
+        if word == "flash":
+            return "flash-lite" if words[i + 1:i + 2] in (["lite"], ["8b"]) else "flash"
+        if word in GEMINI_FAMILIES:
+            return word
+    return "gemini"
+
+
+def capability(name: str, entry: dict[str, Any], alias_generation: str | None = None
+               ) -> Capability:
+    """A model's capability from its name and model-list entry (missing fields: unknown)."""
+    words = bare_model(name).lower().split("-")
+    alias = words[-1] == "latest"
+    thinking = entry.get("thinking")
+    return Capability(
+        family=model_family(words),
+        generation=next(filter(None, map(_version_word, words)), None) or
+        (alias_generation if alias else None),
+        alias=alias,
+        size_b=next(filter(None, map(_size_word, words)), None),
+        thinking=thinking if isinstance(thinking, bool) else None,
+        output_limit=int(entry.get("output_limit") or 0),
+        input_limit=int(entry.get("input_limit") or 0))
+
+
+def capabilities(entries: dict[str, dict[str, Any]]) -> dict[str, Capability]:
+    """Capability per model (name -> model-list entry). A gemini-*-latest alias counts as
+    the newest generation listed in its family, else the newest Gemini generation listed."""
+    caps = {m: capability(m, e) for m, e in entries.items()}
+    newest: dict[str, str] = {}
+    for c in caps.values():
+        if c.generation and family_level(c.family) >= 0:
+            for family in (c.family, "*"):
+                if version_key(c.generation) > version_key(newest.get(family)):
+                    newest[family] = c.generation
+    for m, c in caps.items():
+        if c.alias and c.generation is None and family_level(c.family) >= 0:
+            caps[m] = capability(m, entries[m], newest.get(c.family) or newest.get("*"))
+    return caps
+
+
+def quality_groups(caps: dict[str, Capability]) -> list[list[str]]:
+    """Models most capable first, grouped where the list says the same about them."""
+    ordered = sorted(caps, key=lambda m: (tuple(-v for v in caps[m].rank_key()), m))
+    return group_runs(ordered, lambda g, m: caps[g[0]].rank_key() == caps[m].rank_key())
+
+
+# --- Balance, and the rows `tiers` shows ------------------------------------------------
+
+def group_positions(groups: list[list[str]]) -> dict[str, int]:
+    """0-based position of each model's group leader (equal models share it)."""
+    positions: dict[str, int] = {}
+    start = 0
+    for group in groups:
+        positions.update((m, start) for m in group)
+        start += len(group)
+    return positions
+
+
+def balance_scores(measured: dict[str, ModelStats], speed_groups: list[list[str]],
+                   capability_groups: list[list[str]], caps: dict[str, Capability],
+                   scoring: str) -> dict[str, float]:
+    """Balance per measured model. balanced (higher is better, 0..1):
+    0.5 x success + 0.3 x speed + 0.2 x capability, where speed = 1 - ln(m / fastest) /
+    ln(SPEED_SPAN), at least 0, with m the median of this model's Fast group leader (models
+    tied within noise get the same speed; a log scale, so 0.2 s vs 1.5 s still counts), and
+    capability = 1 - Quality position / (models - 1). seed (lower is better): the original
+    (1 - success)*1000 + p50 - output_limit*0.1."""
+    if scoring == "seed":
+        return {m: round((1 - (s.success_rate or 0.0)) * 1000 + (s.latency_p50_s or 0.0)
+                         - caps[m].output_limit * 0.1, 4) for m, s in measured.items()}
+    lead = {m: max(measured[g[0]].latency_p50_s or 0.0, 1e-4)
+            for g in speed_groups for m in g}
+    fastest = min(lead.values(), default=1.0)
+    place = group_positions(capability_groups)
+    last = max(len(place) - 1, 1)
+    speed = {m: max(0.0, 1 - math.log(lead[m] / fastest) / math.log(SPEED_SPAN)) for m in lead}
+    return {m: round(0.5 * (s.success_rate or 0.0) + 0.3 * speed[m]
+                     + 0.2 * (1 - place[m] / last), 4) for m, s in measured.items()}
 
 
 @dataclass
 class TierRow:
     model: str
-    fast: str | None
-    quality: str | None
-    balance: str | None
-    success_rate: float | None
+    rank: int                     # place in Balance order, the order routes try (1 = first)
+    fast: str
+    quality: str
+    balance: str
+    measured: bool                # has a successful answer: Fast and Balance rest on data
+    provisional: bool             # measured on fewer than TRUSTED_ANSWERS answers
+    ranked: bool                  # has samples that judge the model
     latency_p50_s: float | None
+    latency_samples: int
+    success_rate: float | None
+    judged: int
+    excluded: int                 # samples of keys that never worked on it, not counted
+    samples: int
+    balance_score: float | None
+    quality_rank: int             # 1 = most capable; the same capability shares a rank
+    capability: str               # the Quality basis in words
+    family: str
+    generation: str | None
+    thinking: bool | None
     output_limit: int | None
     input_limit: int | None
-    balance_score: float | None
-    samples: int
-    ranked: bool
 
 
 def model_index(router_doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -2011,69 +2266,85 @@ def model_index(router_doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def compute_tiers(stats: dict[str, ModelStats], models: dict[str, dict[str, Any]],
                   scoring: str = "balanced") -> dict[str, TierRow]:
-    """Tier rows for every known text model and every model with samples.
+    """Tier rows for every known text model and every model with samples, in Balance order.
 
-    Ranked = has at least one sample that judges the model. Fast: median latency of
-    successful answers (no success -> last). Quality: output token limit, input limit as
-    tie-breaker. Balance: 0.5*success + 0.3*speed + 0.2*capability, each in 0..1 (README);
-    `scoring="seed"` uses the original (1-success)*1000 + latency - max_tokens*0.1."""
+    Quality: `capabilities` order, for every model. Fast: median latency of successful
+    answers, ties within noise (`fast_groups`). Balance: `balance_scores`. Fast and Balance
+    grade measured models only; a model with no successful answer is C in both."""
     names = sorted({m for m, info in models.items() if is_text_model(m, info["methods"])}
                    | set(stats))
-    ranked = [m for m in names if m in stats and stats[m].judged]
-    limits = {m: (int(models.get(m, {}).get("output_limit") or 0),
-                  int(models.get(m, {}).get("input_limit") or 0)) for m in names}
-    latency = {m: stats[m].latency_p50_s for m in ranked}
-    # A median of 0.0 is possible after rounding: clamp rather than treat it as "no latency".
-    latency = {m: (None if v is None else max(v, 1e-4)) for m, v in latency.items()}
-    fastest = min((v for v in latency.values() if v is not None), default=None)
-    top_output = max((limits[m][0] for m in ranked), default=0)
-    balance: dict[str, float] = {}
-    for m in ranked:
-        success = stats[m].success_rate or 0.0
-        if scoring == "seed":
-            lat = latency[m] if latency[m] is not None else 1000.0
-            balance[m] = round((1 - success) * 1000 + lat - limits[m][0] * 0.1, 4)
-        else:
-            speed = fastest / latency[m] if latency[m] is not None and fastest else 0.0
-            capability = (math.log(limits[m][0]) / math.log(top_output)
-                          if limits[m][0] > 1 and top_output > 1 else 0.0)
-            balance[m] = round(0.5 * success + 0.3 * speed + 0.2 * capability, 4)
-    fast_score = {m: (latency[m] is None, latency[m] or 0.0) for m in ranked}  # no success: last
-    quality_score = {m: (-limits[m][0], -limits[m][1]) for m in ranked}
-    balance_score = {m: (balance[m] if scoring == "seed" else -balance[m]) for m in ranked}
-    fast, quality = assign_tiers(fast_score), assign_tiers(quality_score)
-    bal = assign_tiers(balance_score)
-    # Rows come in Balance order (best first), unranked models last: the default route order.
-    rows = {}
-    for m in sorted(ranked, key=lambda m: (balance_score[m], m)) + \
-            [m for m in names if m not in fast]:
-        st = stats.get(m)
-        rows[m] = TierRow(model=m, fast=fast.get(m), quality=quality.get(m),
-                          balance=bal.get(m), success_rate=st.success_rate if st else None,
-                          latency_p50_s=st.latency_p50_s if st else None,
-                          output_limit=limits[m][0] or None, input_limit=limits[m][1] or None,
-                          balance_score=balance.get(m), samples=st.samples if st else 0,
-                          ranked=m in fast)
-    return rows
+    caps = capabilities({m: models.get(m) or {} for m in names})
+    capability_groups = quality_groups(caps)
+    quality = tiers_by_group(capability_groups)
+    quality_place = group_positions(capability_groups)
+    measured = {m: stats[m] for m in names if m in stats and stats[m].latency_p50_s is not None}
+    speed_groups = fast_groups(measured)
+    fast = tiers_by_group(speed_groups)
+    score = balance_scores(measured, speed_groups, capability_groups, caps, scoring)
+    signed = {m: (s if scoring == "seed" else -s) for m, s in score.items()}
+    balance = assign_tiers(signed)
+    rows: dict[str, TierRow] = {}
+    # Measured models in Balance order first: tier_order("balance") reads that order.
+    for m in sorted(measured, key=lambda m: (signed[m], m)) + \
+            [m for m in names if m not in measured]:
+        st, cap = stats.get(m), caps[m]
+        rows[m] = TierRow(
+            model=m, rank=0, fast=fast.get(m, "C"), quality=quality[m],
+            balance=balance.get(m, "C"), measured=m in measured,
+            provisional=m in measured and measured[m].latency_samples < TRUSTED_ANSWERS,
+            ranked=bool(st and st.judged), latency_p50_s=st.latency_p50_s if st else None,
+            latency_samples=st.latency_samples if st else 0,
+            success_rate=st.success_rate if st else None, judged=st.judged if st else 0,
+            excluded=st.excluded if st else 0, samples=st.samples if st else 0,
+            balance_score=score.get(m), quality_rank=quality_place[m] + 1,
+            capability=cap.describe(), family=cap.family, generation=cap.generation,
+            thinking=cap.thinking, output_limit=cap.output_limit or None,
+            input_limit=cap.input_limit or None)
+    order = tier_order(rows, "balance", names)
+    for i, m in enumerate(order, 1):
+        rows[m].rank = i
+    return {m: rows[m] for m in order}
 
 
 def tier_order(rows: dict[str, TierRow], tier: str, text_models: list[str]) -> list[str]:
-    """Routing order for a tier: ranked models best first, then unranked by preference."""
-    ranked = [r for r in rows.values() if r.ranked and r.model in text_models]
-    if tier == "fast":
-        ranked.sort(key=lambda r: (r.latency_p50_s is None, r.latency_p50_s or 0.0, r.model))
-    elif tier == "quality":
-        ranked.sort(key=lambda r: (-(r.output_limit or 0), -(r.input_limit or 0), r.model))
-    order = [r.model for r in ranked]        # "balance": rows already come in that order
-    return order + [m for m in default_order(rows, text_models) if m not in order]
+    """Routing order for a tier, over text_models.
+
+    Graded models first - Fast: measured, by median latency (within a tie the lower median
+    first: the best guess); Quality: every model by capability; Balance: measured, by
+    score (`rows` come in that order). Then models not measured yet in default order, and
+    last the models that were tried and never answered (success rate 0)."""
+    listed = set(text_models)
+    candidates = [r for r in rows.values() if r.model in listed]
+    failing = {r.model for r in candidates if r.ranked and not r.success_rate}
+    if tier == "quality":
+        graded = sorted((r for r in candidates if r.model not in failing),
+                        key=lambda r: (r.quality_rank, r.model))
+    elif tier == "fast":
+        graded = sorted((r for r in candidates if r.measured),
+                        key=lambda r: (r.latency_p50_s, r.model))
+    else:
+        graded = [r for r in candidates if r.measured]
+    order = [r.model for r in graded]
+    rest = [m for m in default_order(rows, text_models) if m not in order]
+    return order + [m for m in rest if m not in failing] + [m for m in rest if m in failing]
 
 
 def default_order(rows: dict[str, TierRow], text_models: list[str]) -> list[str]:
-    """Unmeasured models: the well-known defaults first, then by capability."""
+    """The order a fresh install tries models in: Google's stable aliases when listed
+    (DEFAULT_PREFERENCE), then the DEFAULT_FAMILY_ORDER families, each newest generation
+    first and stable before preview, then every other model by capability."""
     preferred = [m for m in DEFAULT_PREFERENCE if m in text_models]
     rest = sorted((m for m in text_models if m not in preferred),
-                  key=lambda m: (-(rows[m].output_limit or 0) if m in rows else 0, m))
+                  key=lambda m: _default_key(rows[m]) if m in rows else (99, m))
     return preferred + rest
+
+
+def _default_key(row: TierRow) -> tuple[Any, ...]:
+    if row.family not in DEFAULT_FAMILY_ORDER:
+        return (len(DEFAULT_FAMILY_ORDER), 0, 0, 0, row.quality_rank, row.model)
+    major, minor = version_key(row.generation)
+    return (DEFAULT_FAMILY_ORDER.index(row.family), -major, -minor, is_preview(row.model),
+            row.quality_rank, row.model)
 
 
 # ======================================================================================
@@ -3149,6 +3420,8 @@ def dry_run(settings: Settings, store: StateStore, model: str | None, tier: str 
 def cmd_rank(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     import fnmatch
     store = StateStore(settings)
+    with store.transaction(write=False) as tx:
+        relisting = args.refresh or cached_model_list(tx.router, settings, time.time()) is None
     models = known_models(settings, store, refresh=args.refresh, out=out)
     names = text_model_names(models)
     if args.models:
@@ -3166,38 +3439,121 @@ def cmd_rank(args: argparse.Namespace, settings: Settings, out: Output) -> int:
                                    f"{run.results[-1].outcome.detail}")
         raise NothingAvailable("nothing could be probed: every key is disabled or cooling "
                                f"for every model; see '{PROG} cooldowns'")
-    ok = sum(1 for r in run.results if r.outcome.kind == "ok")
-    out.note(f"probed {len(names)} models x {args.rounds} round(s): {ok}/{len(run.results)} ok "
-             f"in {run.seconds:.2f} s"
-             + (f"; skipped (cooling): {', '.join(run.skipped)}" if run.skipped else ""))
+    cost = probe_cost(run, len(names), int(args.rounds), relisting)
+    if not any(r.outcome.kind == "ok" for r in run.results):
+        raise NothingAvailable(f"no probe succeeded: {cost}; {no_success_reason(run)}")
+    out.note(cost)
     return cmd_tiers(args, settings, out)
+
+
+def probe_cost(run: ProbeRun, models: int, rounds: int, relisted: bool) -> str:
+    """What a rank spent, in upstream calls: one per probe result, plus the model list."""
+    calls = len(run.results)
+    ok = sum(1 for r in run.results if r.outcome.kind == "ok")
+    failed: dict[str, int] = {}
+    for r in run.results:
+        if r.outcome.kind != "ok":
+            failed[r.outcome.kind] = failed.get(r.outcome.kind, 0) + 1
+    kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(failed.items(),
+                                                          key=lambda kv: (-kv[1], kv[0])))
+    text = (f"probed {models} model(s) x {rounds} round(s): {calls} call(s)"
+            + (" + the model list" if relisted else "")
+            + f", {ok} ok, {calls - ok} failed" + (f" ({kinds})" if kinds else ""))
+    if run.skipped:
+        text += f"; skipped (cooling): {', '.join(run.skipped)}"
+    return text + f" in {run.seconds:.2f} s"
+
+
+# Why no probe succeeded, when every failure was of one sort ("quota": any rate limit or
+# quota outcome).
+NO_SUCCESS_WHY = {
+    "quota": f"every probe was rate-limited or out of quota; '{PROG} cooldowns' says when "
+             "they recover",
+    "transient": "every probe failed upstream (server errors or timeouts); try later",
+    "key_invalid": f"every key was refused; see '{PROG} cooldowns'",
+    "model_unavailable": f"no probed model was found; '{PROG} models --refresh' relists them",
+}
+
+
+def no_success_reason(run: ProbeRun) -> str:
+    sorts = {"quota" if k.startswith("rate") or "quota" in k else k
+             for k in (r.outcome.kind for r in run.results)}
+    if len(sorts) == 1 and next(iter(sorts)) in NO_SUCCESS_WHY:
+        return NO_SUCCESS_WHY[sorts.pop()]
+    return f"'{PROG} stats' shows each model's outcomes"
 
 
 def cmd_tiers(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     with StateStore(settings).transaction(write=False) as tx:
         rows = compute_tiers(all_stats(tx.stats), model_index(tx.router), args.scoring)
-    ordered = list(rows.values())
-    data = {r.model: {k: v for k, v in asdict(r).items() if k != "model"} for r in ordered}
-
-    def human() -> str:
-        if not rows:
-            return f"no models known yet; run '{PROG} rank'"
-        table = format_table(
-            ["MODEL", "FAST", "QUALITY", "BALANCE", "SUCCESS", "P50", "OUT LIMIT", "SCORE",
-             "SAMPLES"],
-            [[r.model, r.fast or "-", r.quality or "-", r.balance or "-",
-              _pct(r.success_rate), _secs(r.latency_p50_s), r.output_limit,
-              _fmt_num(r.balance_score, 3), r.samples] for r in ordered])
-        unranked = sum(1 for r in ordered if not r.ranked)
-        if unranked:
-            table += f"\n\n{unranked} unranked (no samples yet): run '{PROG} rank'"
-        return table
-    out.emit(data, human)
+    data = {r.model: {k: v for k, v in asdict(r).items() if k != "model"}
+            for r in rows.values()}
+    out.emit(data, lambda: tiers_table(list(rows.values()), args.scoring))
     return 0
+
+
+def tiers_table(rows: list[TierRow], scoring: str) -> str:
+    """The tiers, the metric behind each letter, and a legend (human output only)."""
+    if not rows:
+        return f"no models known yet; run '{PROG} rank'"
+    table = format_table(
+        ["RANK", "MODEL", "FAST", "QUALITY", "BALANCE", "P50", "N", "SUCCESS", "CAPABILITY",
+         "SCORE", "NOTE"],
+        [[r.rank, r.model, _letter(r.fast, r), r.quality, _letter(r.balance, r),
+          _secs(r.latency_p50_s), r.latency_samples, _rate(r.success_rate, r.judged),
+          r.capability, _fmt_num(r.balance_score, 2), tier_note(r)] for r in rows])
+    never = sum(1 for r in rows if not r.samples)
+    hint = f"\n\n{never} model(s) not measured yet: '{PROG} rank' measures them" if never else ""
+    return f"{table}{hint}\n\n{tiers_legend(scoring)}"
+
+
+def _letter(letter: str, row: TierRow) -> str:
+    return letter + "?" if row.provisional else letter
+
+
+def tier_note(row: TierRow) -> str:
+    if not row.measured:
+        if not row.samples:
+            return "unmeasured: never tried"
+        if row.judged and not row.success_rate:
+            return f"unmeasured: 0 of {row.judged} answered"
+        return "unmeasured: no answer timed yet"
+    notes = []
+    if row.provisional:
+        notes.append(f"provisional: {row.latency_samples} answer(s)")
+    if row.excluded:
+        notes.append(f"{row.excluded} sample(s) of a failing key not counted")
+    return "; ".join(notes)
+
+
+def tiers_legend(scoring: str) -> str:
+    balance = ("seed formula (1 - success)*1000 + P50 - output limit*0.1; lower is better"
+               if scoring == "seed" else
+               "SCORE = 0.5 x success + 0.3 x speed + 0.2 x capability, 0..1, higher is better")
+    return "\n".join([
+        "S/A/B/C  best 20% / next 30% / next 30% / last 20% of the models graded; ties share "
+        "the better",
+        f"FAST     P50 latency over N successful answers; closer than "
+        f"{NOISE_FLOOR_S * 1000:.0f} ms, {NOISE_RELATIVE:.0%} or "
+        f"{NOISE_STANDARD_ERRORS} standard errors is a tie",
+        "QUALITY  from the model list (CAPABILITY): family (pro > flash > flash-lite > other "
+        "Gemini > others),",
+        "         then generation, size, thinking, output and input token limits",
+        f"BALANCE  {balance}",
+        "SUCCESS  answers / tries that judge the model (quota, key errors, keys that never "
+        "worked: left out)",
+        f"RANK     Balance order, the order routes try.  ? provisional: fewer than "
+        f"{TRUSTED_ANSWERS} answers.",
+        "         unmeasured: no successful answer, so C in Fast and Balance"])
 
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value * 100:.0f}%"
+
+
+def _rate(value: float | None, judged: int) -> str:
+    """A success rate with what it rests on: '67% of 3'."""
+    return "-" if value is None else f"{_pct(value)} of {judged}"
 
 
 def _secs(value: float | None) -> str:
@@ -3212,13 +3568,18 @@ def cmd_stats(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     def human() -> str:
         if not stats:
             return f"no samples yet; run '{PROG} rank' or route a prompt"
-        return format_table(
+        table = format_table(
             ["MODEL", "SAMPLES", "SUCCESS", "P50", "P95", "IN TOK", "OUT TOK", "OUTCOMES"],
-            [[s.model, s.samples, _pct(s.success_rate), _secs(s.latency_p50_s),
+            [[s.model, s.samples, _rate(s.success_rate, s.judged), _secs(s.latency_p50_s),
               _secs(s.latency_p95_s), _fmt_num(s.prompt_tokens_avg, 0),
               _fmt_num(s.output_tokens_avg, 0),
               " ".join(f"{k}={v}" for k, v in sorted(s.outcomes.items()))]
              for s in stats.values()])
+        excluded = [f"{s.model} ({s.excluded})" for s in stats.values() if s.excluded]
+        if excluded:
+            table += ("\n\nnot counted in SUCCESS, samples of keys that never worked on the "
+                      f"model while another key did: {', '.join(excluded)}")
+        return table
     out.emit(data, human)
     return 0
 

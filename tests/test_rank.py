@@ -9,7 +9,9 @@ What this file proves, against the fake Gemini through the real SDK:
   (key, model) pairs that are cooling down, records outcomes exactly as `route` does, shows
   tqdm progress only on a terminal, and keeps its samples when interrupted;
 - `route` follows the Balance order after a rank (skipping cooling models), and
-  `--tier fast|quality` picks those orders.
+  `--tier fast|quality` picks those orders;
+- `rank` says what it cost in upstream calls (matching the simulator's count), and exits 4
+  with one line saying why when no probe succeeded (rate limits, server errors, 404s, ...).
 
 The pure tier arithmetic and the `tiers` command are in test_tiers.py.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import os
 import pty
+import re
 import signal
 import struct
 import subprocess
@@ -448,3 +451,74 @@ def test_rank_with_a_cached_list_and_the_endpoint_gone_is_exit_4(cli, run_main, 
     assert r.err.startswith(f"gemini-router: error: cannot reach {url}") and \
         r.err.count("\n") == 1, r.err
     assert stats_file.read_bytes() == before
+
+
+# ----------------------------------------------------------------------------------------
+# What a rank costs, and a rank in which no probe succeeds (exit 4)
+# ----------------------------------------------------------------------------------------
+
+COST_LINE = (r"gemini-router: probed (\d+) model\(s\) x (\d+) round\(s\): (\d+) call\(s\)"
+             r"( \+ the model list)?, (\d+) ok, (\d+) failed( \([^)]*\))? in [0-9.]+ s")
+
+
+def test_rank_says_what_it_cost_in_calls(run_main, fake):
+    fake.set_behaviour("unavailable", model="gemini-2.5-pro", times=1)
+    r = run_main("rank", "--rounds", "2", keys=KEYS[:1])
+    assert r.code == 0, r.err
+    assert (fake.count(action="generate"), fake.count(action="list")) == (12, 1)
+    [line] = [line for line in r.err.splitlines() if "probed" in line]
+    assert re.fullmatch(COST_LINE, line).groups() == \
+        ("6", "2", "12", " + the model list", "11", "1", " (1 transient)")
+    # The list is cached now: the next rank costs exactly its probes.
+    fake.reset_log()
+    r = run_main("rank", "--models", "gemini-2.0-flash-lite", keys=KEYS[:1])
+    assert r.code == 0, r.err
+    assert fake.count() == 1
+    [line] = [line for line in r.err.splitlines() if "probed" in line]
+    assert re.fullmatch(COST_LINE, line).groups() == ("1", "1", "1", None, "1", "0", None)
+
+
+def test_rank_cost_line_is_silenced_by_quiet(run_main, fake):
+    r = run_main("rank", "-q")
+    assert (r.code, r.err) == (0, "")
+
+
+@pytest.mark.parametrize("behaviour, kind, why", [
+    ("rate_minute", "rate_limited", "every probe was rate-limited or out of quota; "
+                                    "'gemini-router cooldowns' says when they recover"),
+    ("rate_day", "daily_quota", "every probe was rate-limited or out of quota; "
+                                "'gemini-router cooldowns' says when they recover"),
+    ("unavailable", "transient", "every probe failed upstream (server errors or timeouts); "
+                                 "try later"),
+    ("not_found", "model_unavailable", "no probed model was found; 'gemini-router models "
+                                       "--refresh' relists them"),
+    ("bad_request", "bad_request", "'gemini-router stats' shows each model's outcomes"),
+])
+def test_rank_with_no_successful_probe_is_exit_4_saying_why(run_main, fake, behaviour, kind,
+                                                            why):
+    model = "gemini-2.0-flash-lite"
+    fake.set_behaviour(behaviour, model=model)
+    r = run_main("rank", "--json", "--models", model, keys=KEYS[:1])
+    assert (r.code, r.out) == (4, "")
+    assert r.err == (f"gemini-router: error: no probe succeeded: probed 1 model(s) x 1 "
+                     f"round(s): 1 call(s) + the model list, 0 ok, 1 failed (1 {kind}) "
+                     f"in {r.err.split(' in ')[-1].split(';')[0]}; {why}\n")
+    assert fake.count(action="generate") == 1
+    # What the probe learned is kept: the sample is in the stats.
+    assert json_of(run_main, "stats")[model]["outcomes"] == {kind: 1}
+
+
+def test_rank_where_every_key_is_rate_limited_is_exit_4_and_counts_its_calls(run_main, fake):
+    fake.set_behaviour("rate_minute")
+    r = run_main("rank")
+    assert r.code == 4
+    assert fake.count(action="generate") == 12             # each model: key#1, then key#2
+    assert "no probe succeeded: probed 6 model(s) x 1 round(s): 12 call(s)" in r.err
+    assert "0 ok, 12 failed (12 rate_limited)" in r.err
+    assert "rate-limited or out of quota" in r.err and r.err.count("\n") == 1
+    # Everything is cooling now: the next rank spends nothing and says so.
+    fake.reset_log()
+    r = run_main("rank")
+    assert r.code == 4
+    assert fake.count() == 0
+    assert "nothing could be probed: every key is disabled or cooling" in r.err
