@@ -2388,14 +2388,19 @@ def probe_models(settings: Settings, store: StateStore, models: list[str], round
     request = client.build_request(PromptRequest(PROBE_PROMPT,
                                                  options={"max_output_tokens": 16}))
     start = router._next_start()
+    # Probes rotate over the keys usable at all, so a disabled key does not pile its share
+    # onto the next one.
+    view, now = router.view(), time.time()
+    usable = tuple(k for k in keys if view.block(k, None, now) is None) or keys
     results: list[ProbeResult] = []
     skipped: set[str] = set()
     done_lock = threading.Lock()
     bar = _progress_bar(len(models) * rounds, progress)
 
     def probe(model: str, offset: int) -> None:
-        session = RouteSession(settings, RoutePlan([model], "probe"), (start + offset) % len(keys))
-        for _ in keys:
+        session = RouteSession(settings, RoutePlan([model], "probe"),
+                               (start + offset) % len(usable), keys=usable)
+        for _ in usable:
             choice = router.reserve(session)
             if choice is None:
                 break
@@ -2554,10 +2559,11 @@ class RouteSession:
     """The candidates of one route: per model, keys in rotation; what this route learned."""
 
     def __init__(self, settings: Settings, plan: RoutePlan, start: int,
-                 input_limits: dict[str, int] | None = None, input_words: int = 0):
+                 input_limits: dict[str, int] | None = None, input_words: int = 0,
+                 keys: tuple[ApiKey, ...] | None = None):
         self.settings = settings
         self.plan = plan
-        self.keys = settings.keys
+        self.keys = keys or settings.keys
         self.start = start
         self.tried: set[tuple[str, int]] = set()
         self.transient: dict[str, int] = {}
@@ -2847,6 +2853,8 @@ class Router:
         failures: list[tuple[ApiKey, Outcome]] = []
         listed: list[dict[str, Any]] | None = None
         for key in usable[:self.settings.max_attempts]:
+            if failures and self.view().block(key, None, time.time()) is not None:
+                continue           # refused with its project by an earlier failure here
             began = time.perf_counter()
             left = self.settings.timeout if deadline_at is None else \
                 min(self.settings.timeout, deadline_at - time.monotonic())
@@ -2860,12 +2868,11 @@ class Router:
                              f"in {time.perf_counter() - began:.2f} s")
                 break
             failures.append((key, result))
+            self.record(key, None, result, 0.0)
             if out:
                 out.info(f"listing models with {key.label}: {result.detail}")
             if result.rule.route == "end":
                 break
-        for key, outcome in failures:
-            self.record(key, None, outcome, 0.0)
         if listed is not None:
             with self.store.transaction() as tx:
                 self._flush_into(tx)
@@ -3441,6 +3448,10 @@ def cmd_rank(args: argparse.Namespace, settings: Settings, out: Output) -> int:
                                f"for every model; see '{PROG} cooldowns'")
     cost = probe_cost(run, len(names), int(args.rounds), relisting)
     if not any(r.outcome.kind == "ok" for r in run.results):
+        ending = next((r.outcome for r in run.results if r.outcome.rule.route == "end"
+                       and r.outcome.rule.exit_code != 4), None)
+        if ending is not None:          # e.g. a location refusal: nothing else would work
+            raise _error_for(ending, "no probe succeeded: ")
         raise NothingAvailable(f"no probe succeeded: {cost}; {no_success_reason(run)}")
     out.note(cost)
     return cmd_tiers(args, settings, out)
@@ -3470,14 +3481,14 @@ NO_SUCCESS_WHY = {
     "quota": f"every probe was rate-limited or out of quota; '{PROG} cooldowns' says when "
              "they recover",
     "transient": "every probe failed upstream (server errors or timeouts); try later",
-    "key_invalid": f"every key was refused; see '{PROG} cooldowns'",
-    "model_unavailable": f"no probed model was found; '{PROG} models --refresh' relists them",
+    "key": f"every key was refused; see '{PROG} cooldowns'",
+    "model_missing": f"no probed model was found; '{PROG} models --refresh' relists them",
 }
 
 
 def no_success_reason(run: ProbeRun) -> str:
-    sorts = {"quota" if k.startswith("rate") or "quota" in k else k
-             for k in (r.outcome.kind for r in run.results)}
+    sorts = {"quota" if k in QUOTA_KINDS else "key" if OUTCOME_RULES[k].scope in (
+        "key", "project_keys") else k for k in (r.outcome.kind for r in run.results)}
     if len(sorts) == 1 and next(iter(sorts)) in NO_SUCCESS_WHY:
         return NO_SUCCESS_WHY[sorts.pop()]
     return f"'{PROG} stats' shows each model's outcomes"

@@ -909,21 +909,26 @@ def worker_fleet(p: dict) -> dict:
                 mine[name].append(row)
         for name in names:
             got[name].extend(mine[name])
-    wall = in_threads(p["threads"], work)
-    n, troubled = p["profile_routes"], routers[p["profile"]]
+    wall = in_threads(p["threads"], work) if per_thread else 0.0
+    profiles = {}
+    for name, router in routers.items():
+        n = p.get("profile_routes", 0)
+        if not n:
+            continue
 
-    def attempt_all() -> None:
-        for _ in range(n):
-            with contextlib.suppress(gr.RouterError):
-                troubled.route(prompt, model=None)
-    prof = profiled(attempt_all)
+        def attempt_all() -> None:
+            for _ in range(n):
+                with contextlib.suppress(gr.RouterError):
+                    router.route(prompt, model=None)
+        router.client                  # the SDK import is not the routes' work
+        prof = profiled(attempt_all)
+        profiles[f"{n} more routes on the {name} fleet, 1 thread: top 15 by cumulative "
+                 "time, the router's own functions"] = profile_text(
+            [prof], "cumulative", 15, r"gemini_router\.py")
+        profiles["the same: top 15 by own time"] = profile_text([prof], "tottime", 15)
     for router in routers.values():
         router.close()
-    return {"routes": got, "wall": wall, "profiles": {
-        f"{n} more routes on the {p['profile']} fleet, 1 thread: top 15 by cumulative time, "
-        "the router's own functions": profile_text([prof], "cumulative", 15,
-                                                   r"gemini_router\.py"),
-        "the same: top 15 by own time": profile_text([prof], "tottime", 15)}}
+    return {"routes": got, "wall": wall, "profiles": profiles}
 
 
 WORKERS = {"overhead": worker_overhead, "cooling": worker_cooling, "fleet": worker_fleet}
@@ -1062,8 +1067,7 @@ def section_fleet(setup: Setup, routes: int, threads: int) -> tuple[list[str], l
     troubled.set_behaviour("invalid_key", key=keys[4])
     fleets = {"healthy": healthy, "flaky": troubled}
     data = run_worker(setup, "fleet", {
-        "keys": keys, "routes": routes, "threads": threads, "profile": "flaky",
-        "profile_routes": PROFILE_ROUTES,
+        "keys": keys, "routes": routes, "threads": threads,
         "fleets": {name: [f.url, str(setup.tmp / f"state-fleet-{name}")]
                    for name, f in fleets.items()}})
     lines = [f"== The 30% fleet: {FLEET_KEYS} keys, every model answering "
@@ -1121,9 +1125,14 @@ def section_fleet(setup: Setup, routes: int, threads: int) -> tuple[list[str], l
                Figure("  upstream calls per route", f"{f['calls']:.2f} (healthy "
                       f"{h['calls']:.2f})")]
     if not all(fig.ok is not False for fig in figures):
+        progress(f"fleet: a target missed; profiling {PROFILE_ROUTES} more routes ...")
+        more = run_worker(setup, "fleet", {
+            "keys": keys, "routes": 0, "threads": 1, "profile_routes": PROFILE_ROUTES,
+            "fleets": {"flaky": [troubled.url, str(setup.tmp / "state-fleet-flaky")]}})
         lines.append("")
-        lines.append("where the flaky fleet's time goes (cProfile, wall clock):")
-        for title, text in data["profiles"].items():
+        lines.append("where the flaky fleet's time goes (cProfile, wall clock; the same "
+                     "state, a new Router):")
+        for title, text in more.get("profiles", {"error": more.get("error", "")}).items():
             lines.append("")
             lines.append(f"-- {title}")
             lines.extend(text.splitlines())

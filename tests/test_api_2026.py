@@ -32,7 +32,9 @@ from fake_gemini import FakeGemini
 
 K1, K2, K3 = KEYS
 LABEL = {K1: "key#1", K2: "key#2", K3: "key#3"}
-PRO, FLASH, GEMMA = "gemini-test-pro", "gemini-test-flash", "gemma-test-it"
+# Named so that the default order (flash family before flash-lite, Gemma last) tries them
+# in this order: "PRO" (newest flash) is the first choice, "FLASH" the second.
+PRO, FLASH, GEMMA = "gemini-9-flash", "gemini-8-flash", "gemma-test-it"
 PROJECT = "project-12"
 PROJECTS_ENV = {"GEMINI_ROUTER_PROJECTS": "1,2"}
 GENERATE = ("generate", "stream")
@@ -268,10 +270,10 @@ ROWS = [
     next_model("no-thinking", "no_thinking", "model_cannot",
                ("cannot take", "Thinking is not supported")),
     # 404 "not found" while the live list still has the model: one GET of the model with
-    # the same key, then the pair cools 24 h; the next model answers.
+    # the same key, then the pair cools 24 h; only this key lacks it: the next key answers.
     Row("not-found-listed", "not_found", {}, "key1",
-        route1=[(PRO, "key#1", "model_missing"), (FLASH, "key#1", "ok")], exit1=0,
-        route2=[(FLASH, "key#2", "ok")], exit2=0, rank=[(PRO, "key#3")],
+        route1=[(PRO, "key#1", "model_missing"), (PRO, "key#2", "ok")], exit1=0,
+        route2=[(PRO, "key#3", "ok")], exit2=0, rank=[(PRO, "key#3")],
         cools=[(PRO, "key#1", "model_missing", "pair")], length=DAY, words=("not found",),
         sample=[]),
     # 404 "no longer available to new users": (project, PRO), not the model for everyone.
