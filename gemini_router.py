@@ -3120,27 +3120,124 @@ WIRE_FIELDS = {"seed": ("seed",), "thinking_budget": ("thinkingConfig", "thinkin
 
 
 class Output:
-    """Where every message goes: results to stdout, everything else to stderr."""
+    """Where every message goes: results to stdout, everything else to stderr.
+
+    A status line (a slow attempt, a --wait countdown) is drawn only when stderr is a
+    terminal: one line rewritten in place with \\r and erased when it is done, so it never
+    reaches a pipe or a log file and never sits inside the answer on stdout."""
+
+    SLOW_ATTEMPT_S = 2.0      # an attempt slower than this gets a status line
 
     def __init__(self, json_mode: bool = False, quiet: bool = False, verbose: bool = False):
         self.json_mode = json_mode
         self.quiet = quiet
         self.verbose = verbose
+        self._ticker: tuple[Any, Any] | None = None     # (threading.Event, Thread)
+        self._drawn = False
+        # Set while a status thread runs (threading is imported only then): it keeps a
+        # message from landing in the middle of a half-drawn status line.
+        self._lock: Any = contextlib.nullcontext()
 
     def info(self, message: str) -> None:
         """-v detail."""
         if self.verbose and not self.quiet:
-            print(f"{PROG}: {message}", file=sys.stderr)
+            self._line(f"{PROG}: {message}")
 
     def note(self, message: str) -> None:
-        """Ordinary progress messages; -q silences them."""
+        """Ordinary progress messages and hints; -q silences them."""
         if not self.quiet:
-            print(f"{PROG}: {message}", file=sys.stderr)
+            self._line(f"{PROG}: {message}")
 
     def emit(self, data: Any, human: Callable[[], str]) -> None:
         text = json.dumps(data, indent=2, sort_keys=True) if self.json_mode else human()
         if text:
             sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+    # --- status lines -------------------------------------------------------------------
+
+    def live(self) -> bool:
+        """Whether status lines are drawn: stderr is a terminal and -q is not given."""
+        return not self.quiet and _isatty(sys.stderr)
+
+    def _line(self, text: str) -> None:
+        with self._lock:
+            self.erase_status()
+            print(text, file=sys.stderr)
+
+    def _draw(self, text: str) -> None:
+        try:
+            width = os.get_terminal_size(sys.stderr.fileno()).columns or 80
+        except (OSError, ValueError, AttributeError):
+            width = 80
+        # A line longer than the terminal wraps, and \r could no longer erase all of it.
+        if len(text) >= width:
+            text = text[:max(1, width - 2)] + "…"
+        with self._lock:
+            sys.stderr.write("\r\x1b[K" + text)
+            sys.stderr.flush()
+            self._drawn = True
+
+    def erase_status(self) -> None:
+        with self._lock:
+            if self._drawn:
+                self._drawn = False
+                sys.stderr.write("\r\x1b[K")
+                sys.stderr.flush()
+
+    def attempt_started(self, model: str, key_label: str, timeout_s: float) -> None:
+        """An upstream call began. Past SLOW_ATTEMPT_S a terminal shows what it waits for and
+        when it gives up, once a second; without a terminal -v says it once."""
+        self.attempt_finished()
+        if not self.live() and not (self.verbose and not self.quiet):
+            return
+        import threading
+        if isinstance(self._lock, contextlib.nullcontext):
+            self._lock = threading.RLock()
+        stop = threading.Event()
+        began = time.monotonic()
+        draw = self.live()
+
+        def tick() -> None:
+            shown = self.SLOW_ATTEMPT_S
+            while not stop.wait(max(0.0, began + shown - time.monotonic())):
+                what = (f"waiting for {model} on {key_label}: {_duration(shown)} "
+                        f"(gives up in {_duration(timeout_s - shown)})")
+                if not draw:
+                    self._line(f"{PROG}: {what}")
+                    return
+                self._draw(f"{PROG}: {what}")
+                shown += 1
+            self.erase_status()
+
+        thread = threading.Thread(target=tick, name="gemini-router-status", daemon=True)
+        self._ticker = (stop, thread)
+        thread.start()
+
+    def attempt_finished(self) -> None:
+        """The call returned (or text began to arrive): stop and erase its status line."""
+        ticker, self._ticker = self._ticker, None
+        if ticker is not None:
+            stop, thread = ticker
+            stop.set()
+            thread.join()
+        self.erase_status()
+
+    def wait_until(self, until: float, reason: str) -> None:
+        """Sleep until `until` (unix time), saying why and for how long: one line, and on a
+        terminal a countdown updated each second."""
+        self.note(f"{reason}; waiting {_duration(until - time.time())} "
+                  f"(until {_when(until)}), then trying again")
+        wake = until + 0.05       # just after: what ends at `until` has then ended
+        try:
+            while (left := wake - time.time()) > 0:
+                shown = max(0.0, until - time.time())
+                if self.live():
+                    self._draw(f"{PROG}: waiting for the earliest recovery: "
+                               f"{_duration(shown)} left (Ctrl-C stops)")
+                # Wake when the whole number of seconds shown changes.
+                time.sleep(min(left, shown - math.ceil(shown) + 1.005 if shown > 1 else left))
+        finally:
+            self.erase_status()
 
 
 def _fmt_num(value: float | None, digits: int = 2) -> str:
@@ -3160,12 +3257,25 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def _when(moment: float, now: float | None = None) -> str:
+    """A local clock time: '14:05:00' today, '2026-12-01 00:00 PST' on any other day."""
+    local = time.localtime(moment)
+    if local[:3] == time.localtime(time.time() if now is None else now)[:3]:
+        return time.strftime("%H:%M:%S", local)
+    return time.strftime("%Y-%m-%d %H:%M %Z", local)
+
+
 def format_table(headers: list[str], rows: list[list[Any]]) -> str:
-    """Aligned columns; numbers right-aligned, text left-aligned."""
+    """Aligned columns; numbers right-aligned with one precision per column, text
+    left-aligned."""
     cells = [[("-" if c is None else str(c)) for c in row] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
     numeric = [bool(cells) and all(_looks_numeric(r[i]) for r in cells)
                for i in range(len(headers))]
+    for i, num in enumerate(numeric):
+        if num:
+            for r, text in zip(cells, _same_precision([r[i] for r in cells])):
+                r[i] = text
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
 
     def line(values: list[str]) -> str:
         return "  ".join(v.rjust(w) if num else v.ljust(w)
@@ -3176,6 +3286,20 @@ def format_table(headers: list[str], rows: list[list[Any]]) -> str:
 def _looks_numeric(text: str) -> bool:
     return text == "-" or text.lstrip("-").replace(".", "", 1).replace("%", "") \
         .replace(" s", "").isdigit()
+
+
+def _same_precision(column: list[str]) -> list[str]:
+    """Numbers of one column with as many decimals as the most precise one: '1' beside
+    '0.25' becomes '1.00'."""
+    def split(text: str) -> tuple[str, str, str]:
+        unit = next((u for u in ("%", " s") if text.endswith(u)), "")
+        whole, _, decimals = text[:len(text) - len(unit)].partition(".")
+        return whole, decimals, unit
+    digits = max((len(split(t)[1]) for t in column if t != "-"), default=0)
+    if not digits:
+        return column
+    return [t if t == "-" else f"{w}.{d.ljust(digits, '0')}{u}"
+            for t, (w, d, u) in ((t, split(t)) for t in column)]
 
 
 def parse_options(pairs: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -3281,24 +3405,69 @@ def read_stdin_prompt() -> str | None:
         raise UsageError("stdin is not valid UTF-8") from None
 
 
+# Binary input on `-a -` has no file name to guess a type from: its first bytes tell.
+STDIN_MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"),
+               (b"GIF87a", "image/gif"), (b"GIF89a", "image/gif"),
+               (b"%PDF-", "application/pdf"))
+
+
+def read_stdin_attachment() -> str | tuple[str, bytes]:
+    """What `-a -` asked for: stdin as text (str) or as a typed binary attachment."""
+    try:
+        if sys.stdin.isatty():
+            raise UsageError("-a - reads stdin, but stdin is a terminal: pipe or redirect "
+                             "something into it")
+        data = sys.stdin.buffer.read()
+    except (OSError, ValueError, AttributeError):
+        raise UsageError("-a - reads stdin, but there is no stdin to read") from None
+    if not data.strip():
+        raise UsageError("-a - reads stdin, but stdin is empty")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    mime = next((m for magic, m in STDIN_MAGIC if data.startswith(magic)), None)
+    if mime is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        mime = "image/webp"
+    if mime is None:
+        raise UsageError("-a -: stdin is neither UTF-8 text nor a PNG, JPEG, GIF, WebP or "
+                         "PDF file")
+    return mime, data
+
+
 def build_prompt(args: argparse.Namespace) -> tuple[PromptRequest, str | None]:
     """(the prompt, the -m model name without its ?options).
 
-    The prompt comes from stdin and/or the argument (stdin first), with the system text,
-    generation options (from -o and the model string) and attached files."""
+    The prompt is the argument; stdin is read only when asked for: as the prompt when there
+    is no argument (or it is '-'), as text put before the argument (or an image or PDF
+    attached) with `-a -`. A `while read` loop or a parent that never closes stdin thus
+    neither loses input nor hangs. Then the system text, generation options (from -o and
+    the model string) and attached files."""
     argument = None if args.prompt == "-" else args.prompt
     # argv that is not UTF-8 arrives as lone surrogates, which cannot be sent anywhere.
     for text, what in ((argument, "the prompt"), (args.system, "--system"),
                        (args.model, "--model"), *((o, "-o") for o in args.option or [])):
         if text is not None and not _is_utf8(text):
             raise UsageError(f"{what} is not valid UTF-8")
-    stdin_text = read_stdin_prompt()
+    paths = args.attach or []
+    if paths.count("-") > 1:
+        raise UsageError("-a - is given twice, but stdin can be read only once")
+    if "-" in paths and args.prompt == "-":
+        raise UsageError("the prompt '-' and -a - both ask for stdin: give the prompt as "
+                         "an argument")
+    stdin_text, stdin_file = None, None
+    if "-" in paths:
+        piped = read_stdin_attachment()
+        stdin_text, stdin_file = (piped, None) if isinstance(piped, str) else (None, piped)
+    elif argument is None:
+        stdin_text = read_stdin_prompt()
     pieces = [p for p in (stdin_text, argument) if p is not None and p.strip()]
     if not pieces:
         raise UsageError("empty prompt: give it as an argument or on stdin")
     model_name, model_opts = split_model_options(args.model)
     options, wire_options = parse_options(model_opts + (args.option or []))
-    attachments = [read_attachment(path) for path in (args.attach or [])]
+    attachments = [stdin_file if path == "-" else read_attachment(path) for path in paths
+                   if path != "-" or stdin_file is not None]
     schema = None
     if args.schema:
         try:
@@ -3352,6 +3521,9 @@ def cmd_route(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     streamed: list[str] = []
 
     def on_text(piece: str) -> None:
+        # Text is arriving: the attempt no longer waits, and a status line must not end
+        # up inside the answer.
+        out.attempt_finished()
         streamed.append(piece)
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -3370,10 +3542,11 @@ def cmd_route(args: argparse.Namespace, settings: Settings, out: Output) -> int:
                 sys.stdout.write("\n")      # keep the error off the partial answer's line
             raise
         except NothingAvailable as exc:
-            if args.wait is None or exc.until is None or exc.until > deadline:
+            if deadline is None:
                 raise
-            out.note(f"{exc}; waiting")
-            time.sleep(max(0.0, exc.until - time.time()) + 0.05)
+            until = waitable_until(exc, deadline, args.wait)
+            out.wait_until(until, str(exc))
+    out.attempt_finished()
     if out.json_mode:
         out.emit(result.as_json(), str)
     elif args.stream:
@@ -3386,6 +3559,19 @@ def cmd_route(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     out.info(f"answered by {result.model} with {result.key} in {result.latency_s:.2f} s "
              f"after {len(result.attempts)} attempt(s)")
     return 0
+
+
+def waitable_until(exc: NothingAvailable, deadline: float, wait: float) -> float:
+    """When --wait may sleep until: the earliest recovery, if it comes before the deadline;
+    otherwise `exc` again, saying why waiting would not help."""
+    if exc.until is None:
+        raise NothingAvailable(f"{exc}; --wait has nothing to wait for: no recovery time is "
+                               "known", None) from None
+    if exc.until > deadline:
+        raise NothingAvailable(f"{exc}; earliest recovery in "
+                               f"{_duration(exc.until - time.time())} is beyond --wait "
+                               f"{wait:g} s", exc.until) from None
+    return exc.until
 
 
 def dry_run(settings: Settings, store: StateStore, model: str | None, tier: str | None,
@@ -3437,7 +3623,7 @@ def cmd_rank(args: argparse.Namespace, settings: Settings, out: Output) -> int:
                                          for p in patterns)]
         if not names:
             raise UsageError(f"no text model matches {args.models!r}")
-    progress = sys.stderr.isatty() and not out.quiet and not os.environ.get("NO_COLOR")
+    progress = sys.stderr.isatty() and not out.quiet
     run = probe_models(settings, store, names, args.rounds, args.concurrency, progress)
     reached = [r for r in run.results if r.outcome.kind != "unreachable"]
     if not reached:
@@ -3651,8 +3837,7 @@ def cmd_cooldowns(args: argparse.Namespace, settings: Settings, out: Output) -> 
             ["MODEL", "KEY", "LEFT", "UNTIL", "REASON"],
             [[e["model"] or "(every model)", e["key"] or "(every key)",
               "disabled" if e["until"] is None else _duration(e["remaining_s"]),
-              "-" if e["until"] is None else time.strftime("%H:%M:%S",
-                                                           time.localtime(e["until"])),
+              "-" if e["until"] is None else _when(e["until"], now),
               e["reason"]] for e in entries])
     out.emit(entries, human)
     return 0
@@ -3702,8 +3887,12 @@ def cmd_lock(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     store = StateStore(settings)
     name = resolve_model(args.model, known_models(settings, store, out=out))
     with store.transaction() as tx:
+        previous = tx.router.get("lock")
         tx.router["lock"] = name
-    out.emit({"lock": name}, lambda: f"locked to {name}; '{PROG} unlock' releases it")
+    out.emit({"lock": name, "was": previous},
+             lambda: f"locked to {name}" + ("" if not previous else " (unchanged)"
+                                            if previous == name else f" (was {previous})"))
+    out.note(f"'{PROG} unlock' releases it")
     return 0
 
 
@@ -3845,18 +4034,107 @@ def sibling_hints(settings: Settings, cooldowns: dict[str, Any]) -> dict[str, st
 # --- the parser ------------------------------------------------------------------------
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line and exit code 2."""
+    """argparse that reports a usage error as one line and exit code 2, suggests the
+    nearest name for a typo, and takes an optional value (`--wait [SECONDS]`) only when it
+    is a number, so `route --wait "hello"` keeps "hello" as the prompt."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
+        self.commands: dict[str, ArgumentParser] = {}
+        self.numeric_optional: dict[str, str] = {}    # option -> its value when bare
 
     def error(self, message: str) -> None:    # type: ignore[override]
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        args = sys.argv[1:] if args is None else list(args)
+        numbered, left_alone = numeric_values_only(args, self.numeric_optional)
+        namespace, extras = super().parse_known_args(numbered, namespace)
+        if left_alone is not None:
+            namespace._left_alone = left_alone
+        return namespace, extras
 
-class _HelpFormatter(argparse.HelpFormatter):
-    """argparse's formatter, told the width so it need not import shutil to ask for it."""
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = self.commands.get(getattr(namespace, "command", None) or "")
+            (command or self).error(self.unrecognized(extras, namespace))
+        return namespace
+
+    def unrecognized(self, extras: list[str], namespace: Any) -> str:
+        """What is wrong with arguments no parser took, with the nearest option name."""
+        command = self.commands.get(getattr(namespace, "command", None) or "")
+        word = extras[0]
+        if word.startswith("-") and word != "-":
+            names = set(self._option_string_actions)
+            if command is not None:
+                names |= set(command._option_string_actions)
+            hint = did_you_mean(word.partition("=")[0], names)
+            where = f" for {command.prog.split()[-1]}" if command is not None else ""
+            return f"unknown option {word}{where}{hint}"
+        message = f"unexpected argument {word!r}"
+        if command is not None and any(a.dest == "prompt" for a in command._actions):
+            message += ": the prompt is one argument (quote it if it has spaces)"
+            left_alone = getattr(namespace, "_left_alone", None)
+            if left_alone is not None:
+                option, word = left_alone
+                message += (f"; {option} takes only a number, so {word!r} was read as the "
+                            "prompt")
+        return message
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        if action.choices is not None and value not in action.choices:
+            choices = ", ".join(map(str, action.choices))
+            hint = did_you_mean(str(value), [str(c) for c in action.choices])
+            if isinstance(action, argparse._SubParsersAction):
+                raise argparse.ArgumentError(None, f"unknown command {value!r}{hint} "
+                                                   f"(commands: {choices})")
+            raise argparse.ArgumentError(action, f"invalid choice: {value!r}{hint} "
+                                                 f"(choose from {choices})")
+
+
+def numeric_values_only(args: list[str], options: dict[str, str]
+                        ) -> tuple[list[str], tuple[str, str] | None]:
+    """argv with each `OPTION NUMBER` of `options` joined as `OPTION=NUMBER` and each other
+    `OPTION` as `OPTION=<its bare value>`, so a word that is not a number is never taken as
+    its value; and the last (option, word) so left alone, for an error message."""
+    if not options:
+        return args, None
+    import re          # already loaded by argparse
+    number = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+    result: list[str] = []
+    left_alone: tuple[str, str] | None = None
+    i = 0
+    while i < len(args):
+        word = args[i]
+        if word == "--":
+            return result + args[i:], left_alone
+        i += 1
+        if word not in options:
+            result.append(word)
+            continue
+        following = args[i] if i < len(args) else None
+        if following is not None and number.fullmatch(following.strip()):
+            result.append(f"{word}={following}")
+            i += 1
+        else:
+            result.append(f"{word}={options[word]}")
+            if following is not None and not following.startswith("-"):
+                left_alone = (word, following)
+    return result, left_alone
+
+
+def did_you_mean(word: str, names: Iterable[str]) -> str:
+    """'; did you mean X?' for the names closest to a typo, or ''."""
+    import difflib
+    close = difflib.get_close_matches(word, sorted(names), n=3, cutoff=0.75)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's formatter (descriptions and epilogs kept as written), told the width so
+    it need not import shutil to ask for it."""
     width: int | None = None
 
     def __init__(self, prog: str) -> None:
@@ -3902,12 +4180,50 @@ def add_global_options(parser: argparse.ArgumentParser, top: bool) -> None:
     g.add_argument("--version", action="version", version=f"{PROG} {__version__}")
 
 
+HELP_EPILOG = f"""\
+examples:
+  {PROG} route "Say hello in French"
+  git diff | {PROG} route "Review this diff" -a -     (stdin only with -a -)
+  {PROG} route --wait 120 --json "..." | jq -r .text
+  {PROG} rank && {PROG} route --tier fast "..."
+  {PROG} -v route --dry-run "..."                       (why this model and key)
+  {PROG} cooldowns                                      (what is cooling, until when)
+
+environment:
+  GEMINI_API_KEY_1, _2, ...   API keys (also GEMINI_API_KEYS=k1,k2, GEMINI_API_KEY,
+                              GOOGLE_API_KEY); shown only as key#N
+  GEMINI_API_ENDPOINT         API endpoint, scheme://host[:port]
+  GEMINI_ROUTER_STATE_DIR     where cooldowns, stats and the lock are kept
+  GEMINI_ROUTER_PROJECTS      keys that share a Google Cloud project, e.g. "1,2;3,4"
+  GEMINI_ROUTER_MAX_ATTEMPTS  upstream calls one route may make
+  GEMINI_ROUTER_DEADLINE      seconds one route may take, all attempts together
+  GEMINI_ROUTER_SERVER        route through a running '{PROG} serve'
+  GEMINI_ROUTER_ERRORS=json   errors on stderr as one JSON object, for scripts
+  NO_COLOR                    no colour ({PROG} prints none; progress still shows)
+
+exit codes: 0 ok, 1 request failed upstream, 2 usage, 3 configuration,
+            4 nothing available, 130 interrupted
+"""
+
+ROUTE_EPILOG = f"""\
+The prompt is the argument. stdin is read only when asked for: as the prompt when there is
+no argument (or it is '-'), and with -a - as text put before the argument (or, when it is a
+PNG, JPEG, GIF, WebP or PDF, attached). So a `while read` loop keeps its input.
+
+examples:
+  {PROG} route "Say hello in French"
+  echo "Say hello in French" | {PROG} route
+  cat notes.txt | {PROG} route "Summarise these notes" -a -
+  {PROG} route -m gemini-2.5-flash -o temperature=0.2 -s "Be brief" "..."
+  {PROG} route --wait "..."        (waits up to 7 days for the earliest recovery)
+  {PROG} route --wait 60 "..."     (waits at most 60 s, else exit 4)
+"""
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog=PROG, description="Send prompts to Google Gemini through the best model and "
-                               "API key available now.",
-        epilog="Exit codes: 0 ok, 1 request failed upstream, 2 usage, 3 configuration, "
-               "4 nothing available, 130 interrupted.")
+                               "API key available now.", epilog=HELP_EPILOG)
     add_global_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
 
@@ -3915,11 +4231,13 @@ def build_parser() -> ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         add_global_options(p, top=False)
         p.set_defaults(handler=handler)
+        parser.commands[name] = p
         return p
 
     p = command("route", "send one prompt through the best available model and key",
                 cmd_route)
-    p.add_argument("prompt", nargs="?", help="the prompt; '-' or omitted reads stdin")
+    p.epilog = ROUTE_EPILOG
+    p.add_argument("prompt", nargs="?", help="the prompt; '-' or omitted: read it from stdin")
     p.add_argument("-m", "--model", help="use this model (may carry ?key=value options)")
     p.add_argument("--tier", choices=TIER_NAMES, help="route in this tier's order "
                    "(default balance)")
@@ -3928,7 +4246,7 @@ def build_parser() -> ArgumentParser:
                    help="generation option, repeatable: "
                         + ", ".join(sorted({**GENERATION_OPTIONS, **WIRE_OPTIONS})))
     p.add_argument("-a", "--attach", action="append", metavar="FILE",
-                   help="attach a text file or an image, repeatable")
+                   help="attach a text file or an image, repeatable; '-' reads stdin")
     p.add_argument("--schema", metavar="FILE", help="JSON schema for a JSON answer")
     p.add_argument("--stream", action="store_true", help="print the answer as it arrives")
     p.add_argument("--max-attempts", metavar="N", default=None,
@@ -3942,10 +4260,12 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="explain which model and key would be used; call nothing")
     p.add_argument("--wait", nargs="?", type=flag_type(Limit(0, 0, MAX_COOLDOWN_SECS)),
-                   const=float(MAX_COOLDOWN_SECS), default=None,
-                   metavar="MAX_SECONDS",
-                   help="when nothing is available, wait for the earliest recovery "
-                        "(at most MAX_SECONDS) and try again")
+                   const=float(MAX_COOLDOWN_SECS), default=None, metavar="SECONDS",
+                   help="when nothing is available, wait for the earliest recovery (a "
+                        "cooldown's end) and try again; at most SECONDS, bare --wait at most "
+                        f"{MAX_COOLDOWN_SECS // 86400} days. A value is taken only if it is "
+                        "a number")
+    p.numeric_optional["--wait"] = str(float(MAX_COOLDOWN_SECS))
 
     p = command("rank", "discover models, probe them concurrently and print the tiers",
                 cmd_rank)
@@ -3978,27 +4298,44 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+ERROR_KINDS = {UpstreamError: "upstream", UsageError: "usage", ConfigError: "config",
+               NothingAvailable: "nothing_available", Interrupted: "interrupted"}
+ERROR_FORMATS = ("text", "json")
+
+
 def main(argv: list[str] | None = None) -> int:
     global _QUIET
     argv = sys.argv[1:] if argv is None else argv
     out = Output()
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        if not argv and _isatty(sys.stdout):
+            # A person who typed just the name: show what there is (clig.dev), and still
+            # exit 2, as nothing was done.
+            parser.print_help()
+            return 2
+        args = parser.parse_args(argv)
         if not getattr(args, "command", None):
-            raise UsageError(f"missing command (see '{PROG} --help')")
+            raise UsageError(f"missing command: one of {', '.join(parser.commands)} "
+                             f"(see '{PROG} --help')")
+        error_format()
         out = Output(json_mode=args.json, quiet=args.quiet, verbose=args.verbose)
         _QUIET = args.quiet
         settings = load_settings(dict(os.environ), args)
         code = args.handler(args, settings, out)
+        out.attempt_finished()
         sys.stdout.flush()        # a failed write shows here, not as noise at exit
         return code
     except RouterError as exc:
+        out.attempt_finished()
         keys = collect_keys_quietly()
-        print(f"{PROG}: error: {redact(str(exc), keys)}", file=sys.stderr)
-        return exc.exit_code
+        kind = next((k for cls, k in ERROR_KINDS.items() if isinstance(exc, cls)), "upstream")
+        return report_error(exc.exit_code, kind, redact(str(exc), keys),
+                            getattr(exc, "until", None))
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        out.attempt_finished()
+        return report_error(130, "interrupted", "interrupted", None,
+                            text=f"{PROG}: interrupted")
     except BrokenPipeError:
         # The reader went away (e.g. `| head`): not an error worth a message.
         _silence_stdout()
@@ -4007,10 +4344,42 @@ def main(argv: list[str] | None = None) -> int:
         # Everything else reaching here is our own output failing (a full disk, say): the
         # state store and the client turn their OSErrors into RouterErrors.
         _silence_stdout()
-        print(f"{PROG}: error: cannot write output: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return report_error(1, "output", f"cannot write output: {exc.strerror or exc}", None)
     except SystemExit as exc:          # --help / --version
         return int(exc.code or 0)
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def error_format() -> str:
+    """'text' or 'json', from GEMINI_ROUTER_ERRORS (blank = text)."""
+    value = os.environ.get("GEMINI_ROUTER_ERRORS", "").strip().lower() or "text"
+    if value not in ERROR_FORMATS:
+        raise ConfigError(f"GEMINI_ROUTER_ERRORS must be json or text, got {value[:40]!r}")
+    return value
+
+
+def report_error(code: int, kind: str, message: str, retry_at: float | None,
+                 text: str | None = None) -> int:
+    """The one stderr line of a failure: text, or with GEMINI_ROUTER_ERRORS=json one JSON
+    object for scripts. Returns the exit code."""
+    try:
+        as_json = error_format() == "json"
+    except ConfigError:
+        as_json = False
+    if as_json:
+        line = json.dumps({"error": {"exit_code": code, "kind": kind, "message": message,
+                                     "retry_at": None if retry_at is None
+                                     else round(retry_at, 3)}})
+    else:
+        line = text or f"{PROG}: error: {message}"
+    print(line, file=sys.stderr)
+    return code
 
 
 def _silence_stdout() -> None:

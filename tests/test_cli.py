@@ -1,7 +1,7 @@
 """The command line a user meets (issue "A CLI people enjoy").
 
 Proves, by reading the request bodies the fake Gemini server received:
-  * the prompt: argument, stdin, both (stdin first), -s system instruction, -a text and
+  * the prompt: argument, stdin, both with `-a -` (stdin first), -s system instruction, -a text and
     image attachments as inline data with the right mime type;
   * model choice: -m (with `?key=value` options), --tier fast|quality|balance after a rank;
   * generation options: every -o key (seed too, which the pinned SDK lacks) lands in
@@ -11,7 +11,7 @@ Proves, by reading the request bodies the fake Gemini server received:
   * route --dry-run: the choice and its reasons (lock, tier order, skipped cooldowns) with
     no generate call;
   * models: limits and probed / cooling / locked, --refresh relists;
-  * output: aligned tables, no progress bar unless stderr is a terminal without NO_COLOR,
+  * output: aligned tables, no progress bar unless stderr is a terminal (NO_COLOR keeps it),
     -q silences warnings, -v shows the choice and every attempt.
 Round-robin spread, lock exclusivity and "--json on every command" are in test_core.py.
 """
@@ -102,7 +102,8 @@ def test_prompt_from_the_argument(run_main, fake):
 
 
 def test_prompt_from_stdin_and_argument_stdin_first(cli, fake):
-    r = cli("route", "and the question", input="the context from stdin\n")
+    """With an argument, stdin is read only when asked for with `-a -` (issue 13)."""
+    r = cli("route", "and the question", "-a", "-", input="the context from stdin\n")
     assert r.code == 0, r.err
     [part] = parts_of(last_generate(fake).body)
     text = part["text"]
@@ -537,12 +538,17 @@ def run_with_stderr_on_a_terminal(cli, *args, env=None) -> tuple[int, str]:
     return proc.wait(timeout=60), b"".join(chunks).decode("utf-8", "replace")
 
 
-def test_progress_shows_only_on_a_terminal_without_no_color(cli, fake):
+def test_progress_shows_only_on_a_terminal_whatever_no_color(cli, fake):
+    """NO_COLOR turns off colour only, not the progress bar (issue 13); -q and a
+    non-terminal stderr do."""
     fake.set_latency(0.05)
     code, err = run_with_stderr_on_a_terminal(cli, "rank")
     assert code == 0
-    assert "probing" in err
+    assert "\rprobing:" in err
     code, err = run_with_stderr_on_a_terminal(cli, "rank", env={"NO_COLOR": "1"})
+    assert code == 0
+    assert "\rprobing:" in err
+    code, err = run_with_stderr_on_a_terminal(cli, "-q", "rank")
     assert code == 0
     assert "probing" not in err and "\r" not in err.replace("\r\n", "\n")
     r = cli("rank")                                   # stderr is a pipe

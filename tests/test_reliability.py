@@ -2,8 +2,8 @@
 
 What this file proves (issue "Reliability and security", parts 1-3):
 
-* 32 `route` processes at once against the simulator record every sample (the stats grow by
-  exactly 32), leave no corrupt or stray file and do not deadlock;
+* 16 `route` processes at once against the simulator record every sample (the stats grow by
+  exactly 16), leave no corrupt or stray file and do not deadlock;
 * a state lock held too long ends in one clear message and exit 3
   (GEMINI_ROUTER_LOCK_TIMEOUT, lock file `<state dir>/state.lock`), without calling upstream;
 * routes killed with SIGKILL at random points leave every state file parseable and the next
@@ -110,21 +110,23 @@ def warmed(cli, run_main, fake):
 # 1. concurrency and the lock
 # --------------------------------------------------------------------------------------
 
-def test_32_concurrent_routes_record_every_sample(warmed, fake):
+def test_16_concurrent_routes_record_every_sample(warmed, fake):
+    # 16 processes already queue on the lock on a 2-core machine (each route takes three
+    # lock holds); 32 made this the suite's slowest test without testing anything more.
     before = sample_count(warmed.state_dir)
-    procs = [spawn(warmed, "route", f"prompt number {i}", env=BIG_WINDOW) for i in range(32)]
+    procs = [spawn(warmed, "route", f"prompt number {i}", env=BIG_WINDOW) for i in range(16)]
     results = [(p, *p.communicate(timeout=180)) for p in procs]   # a deadlock fails here
 
     for i, (proc, out, err) in enumerate(results):
         assert proc.returncode == 0, err.decode()
         assert out.decode() == f"[gemini-2.5-flash] prompt number {i}\n"
         assert err == b""
-    assert fake.count(action="generate") == 32
+    assert fake.count(action="generate") == 16
     assert fake.count(action="list") == 0                  # the cached list served them all
     docs = assert_state_intact(warmed.state_dir)
-    assert sample_count(warmed.state_dir) == before + 32
+    assert sample_count(warmed.state_dir) == before + 16
     assert [s["kind"] for s in docs["model_stats.json"]["models"]["gemini-2.5-flash"]] \
-        == ["ok"] * 33
+        == ["ok"] * 17
     # nothing but the three files and the lock: no temp file left behind
     assert sorted(p.name for p in warmed.state_dir.iterdir()) == [
         "cooldowns.json", "model_stats.json", "models.lock", "router_state.json", "state.lock"]
