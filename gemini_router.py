@@ -466,8 +466,10 @@ def sanitize_doc(name: str, doc: dict[str, Any]) -> tuple[dict[str, Any], int] |
             continue
         clean[field_name], bad = _keep(value, ok)
         dropped += bad
-    if _is_int(doc.get("next_key")):
-        clean["next_key"] = doc["next_key"]
+    if _is_int(doc.get("next_key", 0)):
+        clean["next_key"] = doc.get("next_key", 0)
+    else:
+        dropped += 1
     if _opt_str(doc.get("lock")):
         clean["lock"] = doc.get("lock")
     else:
@@ -552,6 +554,7 @@ class StateStore:
                                   for p in self.paths.values()})
         self.lock_path = self.lock_paths[0]
         self._cache: dict[str, tuple[tuple[int, int, int], str, dict[str, Any]]] = {}
+        self._noted: set[tuple[str, Any]] = set()
         self._locks: dict[str, Any] = {}
 
     def check_dirs(self, create: bool) -> bool:
@@ -622,6 +625,7 @@ class StateStore:
         flock(LOCK_SH) on the same file never overlaps a write, and readers never queue
         behind each other. Readers do it directly because importing filelock costs more than
         a whole local command; without flock they take the exclusive lock like writers."""
+        self.check_dirs(create=False)      # a state "directory" that is a file: say so
         fds: list[int] = []
         flock_missing = False
         try:
@@ -717,14 +721,14 @@ class StateStore:
             return None, empty_doc(name)
         except OSError as exc:
             raise ConfigError(f"cannot read state file {path}: {exc.strerror or exc}") from None
-        text, doc = self._parse(name, raw, write)
+        text, doc = self._parse(name, raw, sig)
         if text is not None:
             self._cache[name] = (sig, text, doc)      # sanitized; shared by readers
             if write:
                 doc = _copy(doc)
         return text, doc
 
-    def _parse(self, name: str, raw: bytes, write: bool) -> tuple[str | None, dict[str, Any]]:
+    def _parse(self, name: str, raw: bytes, sig: Any) -> tuple[str | None, dict[str, Any]]:
         path = self.paths[name]
         try:
             doc = json.loads(raw, parse_constant=_reject_constant)
@@ -745,10 +749,12 @@ class StateStore:
             return None, self.set_aside(name, "has an unexpected shape")
         clean, dropped = sanitized
         if dropped:
-            kept = self.keep_copy(name) if write else None
-            warn(f"state file {path}: dropped {dropped} unreadable entr"
-                 f"{'y' if dropped == 1 else 'ies'}, kept the rest"
-                 + (f" (original saved as {os.path.basename(kept)})" if kept else ""))
+            if (name, sig) not in self._noted:      # once per file version and process
+                self._noted.add((name, sig))
+                kept = self.keep_copy(name)
+                warn(f"state file {path}: dropped {dropped} unreadable entr"
+                     f"{'y' if dropped == 1 else 'ies'}, kept the rest"
+                     + (f" (original saved as {os.path.basename(kept)})" if kept else ""))
             return None, clean
         return raw.decode("utf-8", "replace"), clean
 
@@ -857,6 +863,8 @@ class Outcome:
     limits: dict[str, int] = field(default_factory=dict)   # learned: {"rpm"|"rpd"|"tpm": N}
     status: int = 0              # the HTTP status, when there was one
     body: Any = None             # the upstream's JSON answer or error, as received
+    deferred: bool = False       # a stream still flowing to its client: its caller records
+    #                              the final outcome itself (Router.record) when it ends
 
     @property
     def answered(self) -> bool:
@@ -2700,15 +2708,12 @@ class Router:
     def _next_start(self) -> int:
         n = max(1, len(self.settings.keys))
         if self.shared_rotation:
-            try:
-                with self.store.transaction() as tx:
-                    self._flush_into(tx)
-                    start = tx.router["next_key"] % n
-                    tx.router["next_key"] = (start + 1) % n
-            except RouterError as exc:       # routing still works; only the spread suffers
-                warn(f"could not claim a key in the rotation: {exc}")
-                self.shared_rotation = False
-                return self._next_start()
+            # Unwritable state stops the route here, before any call: it could not record
+            # what it learns (exit 3).
+            with self.store.transaction() as tx:
+                self._flush_into(tx)
+                start = tx.router["next_key"] % n
+                tx.router["next_key"] = (start + 1) % n
             with self._lock:
                 self._rotation, self._rotation_moved = (start + 1) % n, False
             return start
@@ -2949,13 +2954,12 @@ class Router:
             if out:
                 out.info(f"trying {model} with {key.label}" + (
                     f" (cooling on a guess: {soft.reason})" if soft else ""))
-                if hasattr(out, "attempt_started"):
-                    out.attempt_started(model, key.label, timeout)
+                out.attempt_started(model, key.label, timeout)
             t0 = time.perf_counter()
             try:
                 outcome = call(key, model, timeout)
             finally:
-                if out and hasattr(out, "attempt_finished"):
+                if out:
                     out.attempt_finished()
             latency = time.perf_counter() - t0
             calls += 1
@@ -2964,7 +2968,8 @@ class Router:
             if out:
                 out.info(f"  {model} {key.label}: {outcome.rule.words} in {latency:.2f} s"
                          + (f" ({outcome.detail})" if outcome.detail else ""))
-            self.record(key, model, outcome, latency, counted)
+            if not outcome.deferred:
+                self.record(key, model, outcome, latency, counted)
             session.learn(model, key, outcome)
             last = (model, key, outcome, latency)
             if outcome.kind == "model_missing" and calls < s.max_attempts:
@@ -3633,9 +3638,10 @@ def cmd_rank(args: argparse.Namespace, settings: Settings, out: Output) -> int:
         raise NothingAvailable("nothing could be probed: every key is disabled or cooling "
                                f"for every model; see '{PROG} cooldowns'")
     cost = probe_cost(run, len(names), int(args.rounds), relisting)
-    if not any(r.outcome.kind == "ok" for r in run.results):
-        ending = next((r.outcome for r in run.results if r.outcome.rule.route == "end"
-                       and r.outcome.rule.exit_code != 4), None)
+    if not any(r.outcome.answered for r in run.results):
+        # Refusals of the caller or the endpoint: no other model or key would do better.
+        ending = next((r.outcome for r in run.results
+                       if r.outcome.kind in ("location", "not_gemini")), None)
         if ending is not None:          # e.g. a location refusal: nothing else would work
             raise _error_for(ending, "no probe succeeded: ")
         raise NothingAvailable(f"no probe succeeded: {cost}; {no_success_reason(run)}")

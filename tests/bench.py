@@ -519,7 +519,7 @@ R["(200x20 model_stats.json bytes)"] = len(big)
 warm("json.loads model_stats.json (200 x 20)", lambda: json.loads(big))
 big_doc = json.loads(big)
 warm("json.dumps (200 x 20) - commit does this per loaded doc", lambda: json.dumps(big_doc, separators=(",", ":")))
-warm("doc_shape_ok stats (200 x 20)", lambda: gr.doc_shape_ok("stats", big_doc))
+warm("sanitize_doc stats (200 x 20)", lambda: gr.sanitize_doc("stats", big_doc))
 warm("all_stats + compute_tiers (200 x 20)", lambda: gr.compute_tiers(gr.all_stats(big_doc), {}, "balanced"))
 warm("store.write stats: tmp + fsync + rename", lambda: store.write("stats", text))
 tmp = str(stats_path) + ".nofsync"
@@ -558,10 +558,10 @@ real_fsync, real_load, real_write = os.fsync, gr.StateStore.load, gr.StateStore.
 real_tx, real_client = gr.StateStore.transaction, gr.GeminiClient._client
 def fsync(fd):
     counts["fsync"] += 1; return real_fsync(fd)
-def load(self, name):
-    counts["file loads"] += 1; return real_load(self, name)
-def write(self, name, text):
-    counts["file writes"] += 1; return real_write(self, name, text)
+def load(self, *args, **kw):
+    counts["file loads"] += 1; return real_load(self, *args, **kw)
+def write(self, *args, **kw):
+    counts["file writes"] += 1; return real_write(self, *args, **kw)
 @contextlib.contextmanager
 def transaction(self, write=True):
     counts["transactions"] += 1
@@ -1172,9 +1172,9 @@ def run_core(setup: Setup, sections: set[str], args: argparse.Namespace) -> int:
         print()
         print("== Routing core: summary ==")
         print_table(["figure", "measured", "target", "verdict"], [f.cells() for f in figures])
-    if hasattr(os, "getloadavg"):
-        print("load average at end: " + " ".join(f"{x:.2f}" for x in os.getloadavg())
-              + f" ({os.cpu_count()} cores)")
+        if hasattr(os, "getloadavg"):
+            print("load average at end: " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+                  + f" ({os.cpu_count()} cores)")
     return 1 if any(f.ok is False for f in figures) else 0
 
 

@@ -18,6 +18,8 @@ makes the next one start after the key it used.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import re
 import time
@@ -210,7 +212,7 @@ def next_model(id, behaviour, kind, words, params=None):
     return Row(id, behaviour, params or {}, "model",
                route1=[(PRO, "key#1", kind), (FLASH, "key#1", "ok")], exit1=0,
                route2=[(FLASH, "key#2", "ok")], exit2=0,
-               rank=[(PRO, "key#3")], words=words, sample=[])
+               rank=[(PRO, "key#3")], rank_exit=4, words=words, sample=[])
 
 
 ROWS = [
@@ -273,9 +275,9 @@ ROWS = [
     # the same key, then the pair cools 24 h; only this key lacks it: the next key answers.
     Row("not-found-listed", "not_found", {}, "key1",
         route1=[(PRO, "key#1", "model_missing"), (PRO, "key#2", "ok")], exit1=0,
-        route2=[(PRO, "key#3", "ok")], exit2=0, rank=[(PRO, "key#3")],
+        route2=[(PRO, "key#3", "ok")], exit2=0, rank=[(PRO, "key#2")],
         cools=[(PRO, "key#1", "model_missing", "pair")], length=DAY, words=("not found",),
-        sample=[]),
+        sample=[("ok", True)]),
     # 404 "no longer available to new users": (project, PRO), not the model for everyone.
     project_cooling("no-longer-available", "no_longer_available", "model_retired", NO_QUOTA,
                     ("no longer available",)),
@@ -283,10 +285,12 @@ ROWS = [
     Row("empty-answer", "empty_answer", {}, "key1",
         route1=[(PRO, "key#1", "empty"), (PRO, "key#2", "ok")], exit1=0,
         route2=[(PRO, "key#3", "ok")], exit2=0, rank=[(PRO, "key#1")],
-        words=("empty answer",), sample=[("empty", False), ("ok", True)]),
+        words=("empty answer",), sample=[("empty", False), ("ok", True)], rank_exit=4),
     # 200 MAX_TOKENS, no parts, thoughts = the budget: not a success; the next model.
-    next_model("thinking-exhausted", "thinking_exhausted", "thinking_exhausted",
-               ("thinking", "max_output_tokens")),
+    # (rank's own 16-token probe that only thinks still shows the model alive: exit 0)
+    dataclasses.replace(next_model("thinking-exhausted", "thinking_exhausted",
+                                   "thinking_exhausted", ("thinking", "max_output_tokens")),
+                        rank_exit=0),
     # 200 RECITATION: retried once elsewhere.
     Row("recitation", "recitation", {}, "key1",
         route1=[(PRO, "key#1", "recitation"), (PRO, "key#2", "ok")], exit1=0,

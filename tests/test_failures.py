@@ -5,14 +5,22 @@ Each row of the issue's table is driven through the fake Gemini server with the 
 the tests assert the exact upstream calls per key and model (from the fake's request log), the
 cooldown or disabled key written to cooldowns.json, and the exit code:
 
-  rate limited        429 PerMinute / 429 without quotaId -> (key, model) cooldown, next key
-  daily quota         429 PerDay -> (key, model) cooldown until midnight Pacific, next key
-  key invalid         400 API_KEY_INVALID / 401 / 403 -> key disabled for every model, next key
-  model unavailable   404 -> model cooled for every key, next model
+  rate limited        429 PerMinute -> the project's keys cool on that model for retryDelay
+                      (a key in no GEMINI_ROUTER_PROJECTS group is its own project), next key
+  capacity            429 without details -> (key, model) cooldown, next key
+  daily quota         429 PerDay -> project x model cooldown until midnight Pacific, next key
+  key invalid         400 API_KEY_INVALID / 401 -> key disabled for every model, next key
+  project refused     403 SERVICE_DISABLED -> every key of the project disabled, next key
+  model missing       404 while the live list has the model -> one GET of it with the same
+                      key, then that (key, model) pair cools 24 h; no sample
   transient           5xx, timeout, malformed answer, broken stream -> next key once, next
-                      model; the model cools after repeated transient failures
-  bad request         other 400 -> exit 1 at once, one call, no cooldown, no penalty
+                      model; a failure sample and a short, growing soft cooldown of the pair
+                      (never a refusal: when only soft-cooling pairs are left one is tried)
+  bad request         other 400 -> exit 1 at once, one call, no cooldown, no sample
   blocked             prompt blocked / SAFETY candidate -> exit 1 naming the reason, ok sample
+
+A route spends at most GEMINI_ROUTER_MAX_ATTEMPTS (8) upstream calls. 429s, refused keys,
+404s and client errors write no model sample.
 
 plus: exit 4 naming the earliest recovery, `--wait`, the proactive RPM/RPD ceilings,
 `route --json` attempts and `-v`, `cooldowns` (display and `--clear`), pruning, an unreachable
@@ -98,7 +106,18 @@ def samples(state_dir: Path, model: str) -> list[tuple[str, bool]]:
 
 
 def strikes(state_dir: Path) -> dict:
-    return state(state_dir, "router").get("strikes", {})
+    """{"<key fingerprint>/<model>": n}: transient failures in a row on each pair."""
+    return {pair: v["n"] for pair, v in state(state_dir, "router").get("strikes", {}).items()}
+
+
+def pair(key: str, model: str) -> str:
+    return f"{fp(key)}/{model}"
+
+
+def lengths(state_dir: Path) -> dict[tuple, float]:
+    """(model, key fingerprint, kind) -> how long each cooldown was set for, in seconds."""
+    return {(e["model"], e["key"], e["kind"]): round(e["until"] - e["since"], 2)
+            for e in state(state_dir, "cooldowns").get("cooldowns", [])}
 
 
 def attempts(result) -> list[tuple[str, str, str]]:
@@ -115,22 +134,24 @@ def run3(run_main):
 
 # ------------------------------------------------------------------------------ rate limited
 
-@pytest.mark.parametrize("behaviour, params, env, delay", [
-    ("rate_minute", {}, {}, 26.0),                                  # RetryInfo retryDelay 26s
-    ("rate_minute", {"retry_delay": "7s"}, {}, 7.0),
-    ("rate_plain", {}, {"COOLDOWN_SECS": "120"}, 120.0),           # no quotaId, no RetryInfo
+@pytest.mark.parametrize("behaviour, params, env, delay, kind", [
+    ("rate_minute", {}, {}, 26.0, "rate_limited"),                 # RetryInfo retryDelay 26s
+    ("rate_minute", {"retry_delay": "7s"}, {}, 7.0, "rate_limited"),
+    # no QuotaFailure, no RetryInfo: quota or shared capacity, COOLDOWN_SECS for the pair
+    ("rate_plain", {}, {"COOLDOWN_SECS": "120"}, 120.0, "capacity"),
 ])
 def test_rate_limit_cools_the_pair_and_tries_the_next_key(run3, fake, state_dir, behaviour,
-                                                          params, env, delay):
+                                                          params, env, delay, kind):
     fake.set_behaviour(behaviour, key=K1, model=FLASH, **params)
     before = time.time()
     r = run3("route", "--json", "hi", env=env)
     after = time.time()
     assert r.code == 0, r.err
-    assert attempts(r) == [(FLASH, "key#1", "rate_limited"), (FLASH, "key#2", "ok")]
+    assert attempts(r) == [(FLASH, "key#1", kind), (FLASH, "key#2", "ok")]
     assert (calls(fake, K1, FLASH), calls(fake, K2, FLASH), calls(fake)) == (1, 1, 2)
-    # Only this (key, model) cools: never the model for the other keys, never the key.
-    assert cooldown_targets(state_dir) == [(FLASH, fp(K1), "rate_limited")]
+    # Only this (key, model) cools (key#1 is a project of its own): never the model for the
+    # other keys, never the key.
+    assert cooldown_targets(state_dir) == [(FLASH, fp(K1), kind)]
     entry = cooldown_for(state_dir, FLASH, fp(K1))
     assert before + delay - 0.01 <= entry["until"] <= after + delay + 0.01
     assert disabled(state_dir) == {}
@@ -215,17 +236,20 @@ def test_daily_quota_cools_until_midnight_pacific_whatever_retry_delay_says(
 
 # ------------------------------------------------------------------------------ key invalid
 
-@pytest.mark.parametrize("behaviour, reason_word", [
-    ("invalid_key", "API_KEY_INVALID"),
-    ("unauthorized", "401"),
-    ("forbidden", "403"),
+@pytest.mark.parametrize("behaviour, kind, reason_word", [
+    ("invalid_key", "key_invalid", "API_KEY_INVALID"),
+    ("unauthorized", "key_invalid", "ACCESS_TOKEN_TYPE_UNSUPPORTED"),       # 401
+    # 403 SERVICE_DISABLED refuses the project: every key of it (key#1 is its own project)
+    ("forbidden", "project_refused", "SERVICE_DISABLED"),
 ])
-def test_refused_key_is_disabled_for_every_model(run3, fake, state_dir, behaviour, reason_word):
+def test_refused_key_is_disabled_for_every_model(run3, fake, state_dir, behaviour, kind,
+                                                 reason_word):
     fake.set_behaviour(behaviour, key=K1, model=FLASH)
     r = run3("route", "--json", "hi")
     assert r.code == 0, r.err
-    assert attempts(r) == [(FLASH, "key#1", "key_invalid"), (FLASH, "key#2", "ok")]
+    assert attempts(r) == [(FLASH, "key#1", kind), (FLASH, "key#2", "ok")]
     assert list(disabled(state_dir)) == [fp(K1)]
+    assert disabled(state_dir)[fp(K1)]["kind"] == kind
     assert reason_word in disabled(state_dir)[fp(K1)]["reason"]
     assert cooldown_targets(state_dir) == []
     assert r.err.count("key#1 disabled") == 1
@@ -270,17 +294,21 @@ def test_disabled_key_comes_back_when_cleared(run_main, fake, state_dir):
 
 # ------------------------------------------------------------------------------ model unavailable
 
-def test_unknown_model_moves_on_and_cools_the_model_for_every_key(run3, fake, state_dir):
+def test_404_while_the_list_has_the_model_cools_each_pair_then_moves_on(run3, fake, state_dir):
+    """Every key 404s on FLASH, yet the live list still has it: each 404 costs one GET of the
+    model with the same key, then that pair cools 24 h; the model stays listed."""
     fake.set_behaviour("not_found", model=FLASH)
-    before = time.time()
     r = run3("route", "--json", "hi")
-    after = time.time()
     assert r.code == 0, r.err
-    assert attempts(r) == [(FLASH, "key#1", "model_unavailable"), (FLASH20, "key#1", "ok")]
-    assert calls(fake, model=FLASH) == 1
-    assert cooldown_targets(state_dir) == [(FLASH, None, "model_unavailable")]
-    until = cooldown_for(state_dir, FLASH, None)["until"]
-    assert before + 600 < until <= after + 86400 + 1        # "long": at least 10 minutes
+    assert attempts(r) == [(FLASH, "key#1", "model_missing"), (FLASH, "key#2", "model_missing"),
+                           (FLASH, "key#3", "model_missing"), (FLASH20, "key#1", "ok")]
+    assert calls(fake, model=FLASH) == 3
+    assert [(c.model, c.key) for c in fake.calls if c.action == "get"] == \
+        [(FLASH, K1), (FLASH, K2), (FLASH, K3)]
+    assert fake.count(action="list") == 1                   # the first listing only
+    assert lengths(state_dir) == {(FLASH, fp(k), "model_missing"): 86400.0 for k in KEYS}
+    assert samples(state_dir, FLASH) == []                  # a 404 says nothing of its health
+    assert FLASH in run3("models", "--json").json()
     fake.reset_log()
     for _ in range(3):                                      # every key skips it now
         r = run3("route", "--json", "hi")
@@ -312,8 +340,11 @@ def test_transient_tries_the_next_key_once_then_the_next_model(run3, fake, state
     assert (calls(fake, K1, FLASH), calls(fake, K2, FLASH), calls(fake, K3, FLASH)) == (1, 1, 0)
     assert (calls(fake, model=FLASH20), calls(fake)) == (1, 3)
     assert samples(state_dir, FLASH) == [("transient", False), ("transient", False)]
-    assert strikes(state_dir) == {FLASH: 2}                 # counted against the model
-    assert cooldown_targets(state_dir) == []                # not yet "repeated" enough
+    # counted against each (key, model) pair: a 5 s soft cooldown each; not the model for
+    # everyone (2 of 3 keys failed on it)
+    assert strikes(state_dir) == {pair(K1, FLASH): 1, pair(K2, FLASH): 1}
+    assert lengths(state_dir) == {(FLASH, fp(K1), "transient"): 5.0,
+                                  (FLASH, fp(K2), "transient"): 5.0}
 
 
 def test_hang_is_cut_by_the_timeout(run3, fake):
@@ -323,8 +354,9 @@ def test_hang_is_cut_by_the_timeout(run3, fake):
     elapsed = time.monotonic() - began
     assert r.code == 4, r.err
     assert "timeout" in r.err
-    assert calls(fake, model=FLASH) == 2                    # key#1, then key#2 once
-    assert elapsed < 8                                      # two 0.5 s timeouts, not 20 s
+    # the only model: every key once (an untried key is never left while the budget lasts)
+    assert [calls(fake, k, FLASH) for k in KEYS] == [1, 1, 1]
+    assert elapsed < 8                                      # three 0.5 s timeouts, not 20 s
 
 
 def test_one_transient_failure_then_the_next_key_answers(run3, fake, state_dir):
@@ -333,24 +365,25 @@ def test_one_transient_failure_then_the_next_key_answers(run3, fake, state_dir):
     assert r.code == 0, r.err
     assert attempts(r) == [(FLASH, "key#1", "transient"), (FLASH, "key#2", "ok")]
     assert (calls(fake, K1, FLASH), calls(fake, K2, FLASH), calls(fake)) == (1, 1, 2)
-    assert strikes(state_dir) == {}                         # the answer reset the count
-    assert cooldown_targets(state_dir) == []
+    # key#2's answer says nothing of key#1: key#1's strike and 5 s soft cooldown stand
+    assert strikes(state_dir) == {pair(K1, FLASH): 1}
+    assert lengths(state_dir) == {(FLASH, fp(K1), "transient"): 5.0}
 
 
-def test_three_transient_failures_in_a_row_cool_the_model(run_main, fake, state_dir):
+def test_transient_failures_in_a_row_grow_the_soft_cooldown_but_never_refuse(run_main, fake,
+                                                                             state_dir):
+    """One key, one model failing: the pair's soft cooldown doubles from 5 s up to
+    COOLDOWN_SECS (60); it is a guess, so with nothing else left every route still tries it.
+    One key configured: never a model-wide cooldown."""
     fake.set_behaviour("unavailable", model=FLASH)
-    codes = []
-    for _ in range(3):
-        codes.append(run_main("route", "-m", FLASH, "hi", keys=[K1]).code)
-    assert codes == [4, 4, 4]
-    assert calls(fake, K1, FLASH) == 3
-    assert cooldown_targets(state_dir) == [(FLASH, None, "transient")]
-    entry = cooldown_for(state_dir, FLASH, None)
-    assert entry["until"] - entry["since"] == pytest.approx(60, abs=0.01)   # COOLDOWN_SECS
-    assert strikes(state_dir) == {}
-    r = run_main("route", "-m", FLASH, "hi", keys=[K1])
-    assert r.code == 4
-    assert calls(fake, K1, FLASH) == 3                       # cooling: not called again
+    seen = []
+    for n in range(1, 7):
+        r = run_main("route", "-m", FLASH, "hi", keys=[K1])
+        assert r.code == 4
+        assert calls(fake, K1, FLASH) == n                   # tried again, one call a route
+        assert strikes(state_dir) == {pair(K1, FLASH): n}
+        seen.append(lengths(state_dir))
+    assert seen == [{(FLASH, fp(K1), "transient"): float(s)} for s in (5, 10, 20, 40, 60, 60)]
     assert re.search(r"earliest: key#1 on gemini-2\.5-flash in (59|60) s", r.err), r.err
 
 
@@ -360,8 +393,9 @@ def test_an_answer_resets_the_transient_count(run_main, fake, state_dir):
     fake.set_behaviour("unavailable", model=FLASH, times=2)
     assert [run_main("route", "-m", FLASH, "hi", keys=[K1]).code for _ in range(2)] == [4, 4]
     assert calls(fake, K1, FLASH) == 5
-    assert strikes(state_dir) == {FLASH: 2}
-    assert cooldown_targets(state_dir) == []
+    # counted afresh after the answer: 2 strikes, 10 s (not 4 strikes and 40 s)
+    assert strikes(state_dir) == {pair(K1, FLASH): 2}
+    assert lengths(state_dir) == {(FLASH, fp(K1), "transient"): 10.0}
 
 
 @pytest.mark.parametrize("behaviour", ["stream_break", "stream_truncate"])
@@ -386,7 +420,8 @@ def test_broken_stream_after_printing_counts_against_the_model(run3, fake, state
     assert "stream" in r.err
     assert calls(fake) == 1
     assert samples(state_dir, FLASH) == [("transient", False)]
-    assert strikes(state_dir) == {FLASH: 1}
+    assert strikes(state_dir) == {pair(K1, FLASH): 1}
+    assert lengths(state_dir) == {(FLASH, fp(K1), "transient"): 5.0}
 
 
 def test_unreachable_endpoint_exits_4_quickly(run_main, state_dir):
@@ -415,7 +450,7 @@ def test_bad_request_stops_at_once_without_penalty(run3, fake, state_dir):
     assert calls(fake) == 1
     assert cooldown_targets(state_dir) == [] and disabled(state_dir) == {}
     assert strikes(state_dir) == {}
-    assert samples(state_dir, FLASH) == [("bad_request", True)]    # not the model's fault
+    assert samples(state_dir, FLASH) == []             # the request's fault: no model sample
 
 
 # ------------------------------------------------------------------------------ blocked
@@ -448,18 +483,18 @@ def limit_every_key(fake) -> None:
 EARLIEST_K2_FLASH = r"earliest: key#2 on gemini-2\.5-flash in 1[34] s"
 
 
-def test_every_key_limited_costs_one_call_per_key_and_model_then_exits_4(run3, fake,
-                                                                           state_dir):
+def test_every_key_limited_costs_one_call_per_pair_until_the_budget_then_exits_4(
+        run3, fake, state_dir):
     limit_every_key(fake)
     r = run3("route", "hi")
     assert r.code == 4
     assert r.out == ""
-    for key in KEYS:
-        for model in ROUTE_ORDER:
-            assert calls(fake, key, model) == 1, (key, model)
-    assert calls(fake) == 18
-    assert len(cooldown_targets(state_dir)) == 18
-    assert {kind for _, _, kind in cooldown_targets(state_dir)} == {"rate_limited"}
+    assert "budget of 8 calls spent" in r.err
+    # 18 pairs, each its own project: one call per pair in route order, 8 at most
+    first_eight = [(m, k) for m in ROUTE_ORDER for k in KEYS][:8]
+    assert [(c.model, c.key) for c in fake.calls if c.action in GENERATE] == first_eight
+    assert cooldown_targets(state_dir) == sorted(
+        ((m, fp(k), "rate_limited") for m, k in first_eight), key=repr)
 
 
 def test_every_key_limited_message_names_the_earliest_recovery(run3, fake):
@@ -470,9 +505,16 @@ def test_every_key_limited_message_names_the_earliest_recovery(run3, fake):
     assert re.search(EARLIEST_K2_FLASH, r.err), r.err
 
 
-def test_everything_cooling_exits_4_without_a_call(run3, fake):
+def test_everything_known_cooling_exits_4_without_a_call(run3, fake):
+    """18 limited pairs, 8 calls a route: the first routes learn them all (8 + 8 + 2 calls);
+    then a route calls nothing and names the earliest recovery."""
     limit_every_key(fake)
-    assert run3("route", "hi").code == 4
+    spent = []
+    for _ in range(3):
+        fake.reset_log()
+        assert run3("route", "hi").code == 4
+        spent.append(calls(fake))
+    assert spent == [8, 8, 2]
     fake.reset_log()
     r = run3("route", "--json", "hi")
     assert r.code == 4
@@ -564,8 +606,10 @@ def test_verbose_prints_every_attempt_on_stderr(run3, fake):
     r = run3("-v", "route", "hi")
     assert r.code == 0, r.err
     assert r.out == f"[{FLASH}] hi\n"
-    assert re.search(r"gemini-2\.5-flash key#1: rate_limited", r.err), r.err
-    assert re.search(r"gemini-2\.5-flash key#2: ok", r.err), r.err
+    # in words, never a raw class name
+    assert re.search(r"gemini-2\.5-flash key#1: rate limited in ", r.err), r.err
+    assert re.search(r"gemini-2\.5-flash key#2: answered in ", r.err), r.err
+    assert "rate_limited" not in r.err
 
 
 def test_json_attempts_carry_model_key_outcome_latency(run3, fake):
@@ -636,7 +680,8 @@ def test_listing_rate_limit_cools_the_key_for_every_model(run3, fake, state_dir)
     r = run3("route", "--json", "hi")
     assert r.code == 0, r.err
     assert fake.count(key=K1, action="list") == 1
-    assert cooldown_targets(state_dir) == [(None, fp(K1), "rate_limited")]
+    # a bare 429 while listing: key#1 cools for every model, COOLDOWN_SECS
+    assert lengths(state_dir) == {(None, fp(K1), "capacity"): 60.0}
     for _ in range(3):
         assert run3("route", "-m", FLASH20, "hi").code == 0
     assert calls(fake, K1) == 0
@@ -675,8 +720,8 @@ def test_a_new_cooldown_never_shortens_a_longer_one():
     ("rate_minute", K1, (1, 1), [(PRO, fp(K1), "rate_limited")], []),
     ("rate_day", K1, (1, 1), [(PRO, fp(K1), "daily_quota")], []),
     ("invalid_key", K1, (1, 1), [], [fp(K1)]),
-    ("not_found", None, (1, 0), [(PRO, None, "model_unavailable")], []),
-    ("unavailable", None, (1, 0), [], []),
+    ("not_found", None, (1, 0), [(PRO, fp(K1), "model_missing")], []),
+    ("unavailable", None, (1, 0), [(PRO, fp(K1), "transient")], []),
     ("bad_request", None, (1, 0), [], []),
 ])
 def test_rank_probes_obey_the_same_classification(run3, fake, state_dir, behaviour, rule_key,
@@ -694,8 +739,13 @@ def test_rank_probes_obey_the_same_classification(run3, fake, state_dir, behavio
     if behaviour == "rate_day":
         until = cooldown_for(state_dir, PRO, fp(K1))["until"]
         assert until == pytest.approx(next_midnight_pacific(before), abs=0.01)
+    if behaviour == "not_found":       # one GET of the model, same key: listed -> pair, 24 h
+        assert [(c.model, c.key) for c in fake.calls if c.action == "get"] == [(PRO, K1)]
+        assert lengths(state_dir) == {(PRO, fp(K1), "model_missing"): 86400.0}
+        assert samples(state_dir, PRO) == []
     if behaviour == "unavailable":
-        assert strikes(state_dir) == {PRO: 1}
+        assert strikes(state_dir) == {pair(K1, PRO): 1}
+        assert lengths(state_dir) == {(PRO, fp(K1), "transient"): 5.0}
 
 
 def test_rank_skips_a_cooling_pair_and_probes_with_the_other_key(run3, fake, state_dir):
@@ -705,7 +755,7 @@ def test_rank_skips_a_cooling_pair_and_probes_with_the_other_key(run3, fake, sta
     assert run3("rank", "--models", PRO).code == 0
     assert calls(fake, K1, PRO) == 0                 # key#1 cools on pro: never asked
     assert calls(fake, model=PRO) == 1
-    assert samples(state_dir, PRO) == [("rate_limited", False), ("ok", True), ("ok", True)]
+    assert samples(state_dir, PRO) == [("ok", True), ("ok", True)]   # the 429 is no sample
 
 
 # ------------------------------------------------------------------------------ review fixes
@@ -747,18 +797,18 @@ def connection_refused():
 ], ids=["connect-timeout", "read-timeout", "connection-refused"])
 def test_connection_failures_are_classified_by_where_they_happened(make, kind, detail):
     import gemini_router as gr
-    outcome = gr.outcome_from_error(make(), plain_settings())
+    outcome = gr.GeminiClient(plain_settings()).outcome_from_error(make())
     assert (outcome.kind, outcome.detail) == (kind, detail)
 
 
-def test_huge_retry_delay_cools_the_pair_for_at_most_a_week(run3, fake, state_dir):
+def test_huge_retry_delay_cools_the_pair_for_at_most_30_days(run3, fake, state_dir):
     fake.set_behaviour("rate_minute", key=K1, model=FLASH, retry_delay="999999999999s")
     before = time.time()
     r = run3("route", "--json", "hi")
     assert r.code == 0, r.err
     assert attempts(r) == [(FLASH, "key#1", "rate_limited"), (FLASH, "key#2", "ok")]
     until = cooldown_for(state_dir, FLASH, fp(K1))["until"]
-    assert before + 604800 <= until <= time.time() + 604800
+    assert before + 30 * 86400 <= until <= time.time() + 30 * 86400
     listed = run3("cooldowns", "--json")
     assert (listed.code, listed.err) == (0, "")          # the file is still valid state
     assert [(e["model"], e["key"]) for e in listed.json()] == [(FLASH, "key#1")]
@@ -766,22 +816,24 @@ def test_huge_retry_delay_cools_the_pair_for_at_most_a_week(run3, fake, state_di
 
 
 def rpm_blocked_after(calls_made: int, rpm: int):
-    """why_blocked for (key#1, flash) after `calls_made` counted calls within one minute."""
+    """What blocks (key#1, flash) after `calls_made` counted calls within one minute."""
     import gemini_router as gr
     settings = plain_settings({"GEMINI_ROUTER_RPM": str(rpm)})
     key = settings.keys[0]
     router, cooldowns = gr.empty_doc("router"), gr.empty_doc("cooldowns")
     now = 1_800_000_000.0
     for i in range(calls_made):
-        gr.count_request(router, settings, key, FLASH, now + i * 0.01)
-    return gr.why_blocked(cooldowns, router, settings, key, FLASH, now + calls_made * 0.01)
+        gr.count_call(router, settings, key, FLASH, now + i * 0.01,
+                      gr.minute_keep(router, settings, key, FLASH))
+    view = gr.StateView(settings, cooldowns, router)
+    return view.block(key, FLASH, now + calls_made * 0.01)
 
 
 def test_rpm_above_1000_is_enforced():
     assert plain_settings({"GEMINI_ROUTER_RPM": "1200"}).rpm_limit == 1200
     blocked = rpm_blocked_after(1200, 1200)
     assert blocked is not None
-    assert blocked[1] == "GEMINI_ROUTER_RPM=1200 reached"
+    assert (blocked.kind, blocked.reason) == ("ceiling", "GEMINI_ROUTER_RPM=1200 reached")
 
 
 def test_rpm_above_1000_lets_the_last_call_of_the_minute_through():
@@ -792,7 +844,7 @@ def test_listing_skips_a_key_cooling_for_every_model(run3, fake, state_dir):
     relist = {"GEMINI_ROUTER_MODELS_TTL": "0"}                # every command lists again
     fake.set_behaviour("rate_plain", key=K1, times=1)       # the listing 429s on key#1
     assert run3("route", "hi", env=relist).code == 0
-    assert cooldown_targets(state_dir) == [(None, fp(K1), "rate_limited")]
+    assert cooldown_targets(state_dir) == [(None, fp(K1), "capacity")]
     fake.reset_log()
     for _ in range(3):                                      # rotation reaches key#1 again
         r = run3("route", "--json", "hi", env=relist)

@@ -490,8 +490,8 @@ def test_rank_cost_line_is_silenced_by_quiet(run_main, fake):
                                 "'gemini-router cooldowns' says when they recover"),
     ("unavailable", "transient", "every probe failed upstream (server errors or timeouts); "
                                  "try later"),
-    ("not_found", "model_unavailable", "no probed model was found; 'gemini-router models "
-                                       "--refresh' relists them"),
+    ("not_found", "model_missing", "no probed model was found; 'gemini-router models "
+                                   "--refresh' relists them"),
     ("bad_request", "bad_request", "'gemini-router stats' shows each model's outcomes"),
 ])
 def test_rank_with_no_successful_probe_is_exit_4_saying_why(run_main, fake, behaviour, kind,
@@ -504,8 +504,13 @@ def test_rank_with_no_successful_probe_is_exit_4_saying_why(run_main, fake, beha
                      f"round(s): 1 call(s) + the model list, 0 ok, 1 failed (1 {kind}) "
                      f"in {r.err.split(' in ')[-1].split(';')[0]}; {why}\n")
     assert fake.count(action="generate") == 1
-    # What the probe learned is kept: the sample is in the stats.
-    assert json_of(run_main, "stats")[model]["outcomes"] == {kind: 1}
+    # What the probe learned about the model is kept: a transient failure is a sample; a
+    # 429, a 404 or the request's own fault says nothing about the model and leaves none.
+    stats = json_of(run_main, "stats")
+    if kind == "transient":
+        assert stats[model]["outcomes"] == {"transient": 1}
+    else:
+        assert model not in stats
 
 
 def test_rank_where_every_key_is_rate_limited_is_exit_4_and_counts_its_calls(run_main, fake):
