@@ -2684,6 +2684,7 @@ class Router:
         self._view: tuple[tuple[Any, ...], StateView] | None = None
         self._rotation: int | None = None
         self._flusher: Any = None
+        self._plans: dict[tuple[Any, ...], Any] = {}
 
     @property
     def client(self) -> GeminiClient:
@@ -2920,8 +2921,19 @@ class Router:
 
     def plan(self, models: list[dict[str, Any]], model: str | None = None,
              tier: str | None = None) -> RoutePlan:
+        """The route plan; reused while the stats and router state are unchanged (tiers over
+        every model would otherwise be recomputed for every request of a server)."""
         with self.store.transaction(write=False) as tx:
-            return plan_route(tx, models, model, tier)
+            stamp = (id(tx.stats), id(tx.router), id(models), model, tier)
+            cached = self._plans.get(stamp)
+            if cached is None:
+                cached = plan_route(tx, models, model, tier)
+                with self._lock:
+                    if len(self._plans) > 64:
+                        self._plans.clear()
+                    self._plans[stamp] = (cached, tx.stats, tx.router)   # keep ids alive
+                return cached
+            return cached[0]
 
     def run(self, plan: RoutePlan, call: Callable[[ApiKey, str, float], Outcome], *,
             out: Output | None = None, input_limits: dict[str, int] | None = None,
