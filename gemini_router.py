@@ -748,13 +748,13 @@ class StateStore:
         if sanitized is None:
             return None, self.set_aside(name, "has an unexpected shape")
         clean, dropped = sanitized
+        if dropped and (name, sig) not in self._noted:    # said once per file version
+            self._noted.add((name, sig))
+            kept = self.keep_copy(name, raw)
+            warn(f"state file {path}: dropped {dropped} unreadable entr"
+                 f"{'y' if dropped == 1 else 'ies'}, kept the rest"
+                 + (f" (original saved as {os.path.basename(kept)})" if kept else ""))
         if dropped:
-            if (name, sig) not in self._noted:      # once per file version and process
-                self._noted.add((name, sig))
-                kept = self.keep_copy(name)
-                warn(f"state file {path}: dropped {dropped} unreadable entr"
-                     f"{'y' if dropped == 1 else 'ies'}, kept the rest"
-                     + (f" (original saved as {os.path.basename(kept)})" if kept else ""))
             return None, clean
         return raw.decode("utf-8", "replace"), clean
 
@@ -767,12 +767,23 @@ class StateStore:
             target = f"{path}.corrupt-{stamp}-{n}"
         return target
 
-    def keep_copy(self, name: str) -> str | None:
-        """Copy a file with bad entries aside before its cleaned version replaces it."""
-        import shutil
+    def keep_copy(self, name: str, raw: bytes) -> str | None:
+        """Keep the original of a file with bad entries (its cleaned version replaces it on
+        the next write) - once: a byte-identical copy already kept is reused."""
+        path = self.paths[name]
+        folder, base = os.path.split(path)
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(folder or "."):
+                if entry.name.startswith(f"{base}.corrupt-") and \
+                        entry.stat().st_size == len(raw):
+                    with open(entry.path, "rb") as f:
+                        if f.read() == raw:
+                            return entry.path
         target = self._aside_name(name)
         try:
-            shutil.copy2(self.paths[name], target)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with open(fd, "wb") as f:
+                f.write(raw)
         except OSError:
             return None
         return target
@@ -1898,8 +1909,7 @@ def _strike(tx: StateTransaction, settings: Settings, key: ApiKey, model: str,
                  f"{outcome.detail}", "transient", now)
     failing = [p for p, v in strikes.items() if p.endswith(f"/{model}")
                and now - _strike_count(v)[1] <= settings.cooldown_secs]
-    if len(failing) >= max(2, min(MODEL_WIDE_KEYS, len(settings.keys))) and \
-            len(settings.keys) >= 2:
+    if len(failing) >= MODEL_WIDE_KEYS:
         add_cooldown(tx.cooldowns, model, None, now + length,
                      f"{len(failing)} keys failing on this model: {outcome.detail}",
                      "transient", now, "model")
@@ -2422,6 +2432,8 @@ def probe_models(settings: Settings, store: StateStore, models: list[str], round
             session.learn(model, key, outcome)
             with done_lock:
                 results.append(ProbeResult(model, key, outcome, latency, time.time()))
+            if outcome.kind == "model_missing" and router.check_model(key, model):
+                return           # the live list no longer has it
             if outcome.rule.sample is not None or outcome.rule.route == "end":
                 return           # a measurement of the model, or nothing more to learn
         with done_lock:
@@ -2577,6 +2589,7 @@ class RouteSession:
         self.transient: dict[str, int] = {}
         self.skipped: dict[str, Block] = {}        # "key#N on M" -> why it was passed over
         self.dropped: dict[str, str] = {}          # model -> why this route no longer tries it
+        self.missing: dict[str, int] = {}          # model -> 404s in this route
         self.recitations = 0
         # A prompt longer than a model's input limit (the fake and Google count tokens; a
         # word is at least one) cannot be taken: skip it before spending a call.
@@ -2986,12 +2999,17 @@ class Router:
             last = (model, key, outcome, latency)
             if outcome.kind == "model_missing" and calls < s.max_attempts:
                 calls += 1
-                if not self.check_model(key, model, out):
-                    session.dropped.pop(model, None)   # listed: only this key lacks it
+                session.missing[model] = session.missing.get(model, 0) + 1
+                if not self.check_model(key, model, out) and session.missing[model] < 2:
+                    session.dropped.pop(model, None)   # listed: maybe only this key lacks it
             if session.ends(outcome):
                 break
         if out:
+            tried = {f"{k.label} on {m}" for m in plan.models for k in self.settings.keys
+                     if (m, k.index) in session.tried}
             for what, b in session.skipped.items():
+                if what in tried:
+                    continue
                 left = "until a person acts" if b.until is None else \
                     f"{_duration(b.until - time.time())} left"
                 out.info(f"skipped {what}: {b.reason} ({left})")

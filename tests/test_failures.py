@@ -296,26 +296,32 @@ def test_disabled_key_comes_back_when_cleared(run_main, fake, state_dir):
 
 def test_404_while_the_list_has_the_model_cools_each_pair_then_moves_on(run3, fake, state_dir):
     """Every key 404s on FLASH, yet the live list still has it: each 404 costs one GET of the
-    model with the same key, then that pair cools 24 h; the model stays listed."""
+    model with the same key, then that pair cools 24 h; the model stays listed. A route gives
+    a listed model a second key after a 404, not a third: then it moves to the next model."""
     fake.set_behaviour("not_found", model=FLASH)
     r = run3("route", "--json", "hi")
     assert r.code == 0, r.err
     assert attempts(r) == [(FLASH, "key#1", "model_missing"), (FLASH, "key#2", "model_missing"),
-                           (FLASH, "key#3", "model_missing"), (FLASH20, "key#1", "ok")]
-    assert calls(fake, model=FLASH) == 3
+                           (FLASH20, "key#1", "ok")]
+    assert calls(fake, model=FLASH) == 2
     assert [(c.model, c.key) for c in fake.calls if c.action == "get"] == \
-        [(FLASH, K1), (FLASH, K2), (FLASH, K3)]
+        [(FLASH, K1), (FLASH, K2)]
     assert fake.count(action="list") == 1                   # the first listing only
-    assert lengths(state_dir) == {(FLASH, fp(k), "model_missing"): 86400.0 for k in KEYS}
+    assert lengths(state_dir) == {(FLASH, fp(k), "model_missing"): 86400.0 for k in KEYS[:2]}
     assert samples(state_dir, FLASH) == []                  # a 404 says nothing of its health
     assert FLASH in run3("models", "--json").json()
     fake.reset_log()
-    for _ in range(3):                                      # every key skips it now
+    for _ in range(3):                                      # measured FLASH20 now leads
         r = run3("route", "--json", "hi")
         assert r.code == 0, r.err
         assert r.json()["model"] == FLASH20
     assert calls(fake, model=FLASH) == 0
     assert calls(fake) == 3
+    r = run3("route", "-m", FLASH, "hi")                    # pinned: key#3 is found out once
+    assert r.code == 4
+    assert [(c.model, c.key) for c in fake.calls if c.action == "generate"][-1:] == [(FLASH, K3)]
+    assert calls(fake, model=FLASH) == 1
+    assert lengths(state_dir) == {(FLASH, fp(k), "model_missing"): 86400.0 for k in KEYS}
 
 
 # ------------------------------------------------------------------------------ transient
