@@ -67,6 +67,7 @@ NON_TEXT_WORDS = ("embed", "image", "imagen", "tts", "audio", "live", "veo", "aq
                   "computer-use", "nano-banana", "robotics", "transcri", "native-audio")
 MIN_KEY_LENGTH = 8
 MAX_COOLDOWN_SECS = 30 * 86400  # no cooldown, whatever its source, lasts longer than 30 days
+MAX_WAIT_SECS = 7 * 86400       # the longest `route --wait`
 LONG_COOLDOWN_SECS = 86400.0    # refusals that only a person can lift (billing, no access)
 NO_QUOTA_SECS = 30 * 86400.0    # "limit: 0": this project never gets this model
 MODEL_CHECK_SECS = 3600.0       # a 404 pair waits this long while the live list is consulted
@@ -555,6 +556,7 @@ class StateStore:
         self.lock_path = self.lock_paths[0]
         self._cache: dict[str, tuple[tuple[int, int, int], str, dict[str, Any]]] = {}
         self._noted: set[tuple[str, Any]] = set()
+        self._snap: tuple[dict[str, Any], dict[str, dict[str, Any]]] | None = None
         self._locks: dict[str, Any] = {}
 
     def check_dirs(self, create: bool) -> bool:
@@ -589,6 +591,20 @@ class StateStore:
             tx = StateTransaction(self)
             yield tx
             tx.commit()
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """Every document, read-only and shared with the cache. While no file's inode, size
+        or mtime changed since this process last read them, that costs three stat() calls
+        and no lock: the reservation path of a busy server touches nothing else."""
+        sigs = {name: self._signature(path) for name, path in self.paths.items()}
+        cached = self._snap
+        if cached is not None and cached[0] == sigs:
+            return cached[1]
+        with self.transaction(write=False) as tx:
+            docs = {name: tx.doc(name) for name in self.paths}
+            sigs = {name: self._signature(path) for name, path in self.paths.items()}
+        self._snap = (sigs, docs)
+        return docs
 
     @contextlib.contextmanager
     def _exclusive_hold(self) -> Iterator[None]:
@@ -699,6 +715,7 @@ class StateStore:
         except FileNotFoundError:
             return None
         except OSError as exc:
+            self.check_dirs(create=False)    # a state "directory" that is a file: say so
             raise ConfigError(f"cannot read state file {path}: {exc.strerror or exc}") from None
         return st.st_ino, st.st_size, st.st_mtime_ns
 
@@ -2709,15 +2726,15 @@ class Router:
 
     def view(self) -> StateView:
         """The current picture of cooldowns and limits, rebuilt only when a file changed."""
-        with self.store.transaction(write=False) as tx:
-            cooldowns, router = tx.cooldowns, tx.router
-            stamp = (id(cooldowns), id(router))
-            with self._lock:
-                if self._view is None or self._view[0] != stamp:
-                    self._view = (stamp, StateView(self.settings, cooldowns, router))
-                    if self._rotation is None:
-                        self._rotation = router["next_key"]
-                return self._view[1]
+        docs = self.store.snapshot()
+        cooldowns, router = docs["cooldowns"], docs["router"]
+        stamp = (id(cooldowns), id(router))
+        with self._lock:
+            if self._view is None or self._view[0] != stamp:
+                self._view = (stamp, StateView(self.settings, cooldowns, router))
+                if self._rotation is None:
+                    self._rotation = router["next_key"]
+            return self._view[1]
 
     def _next_start(self) -> int:
         n = max(1, len(self.settings.keys))
@@ -2772,8 +2789,10 @@ class Router:
         plain answers wait for the next batch. A failure to write an answer's record is a
         warning: the answer itself is never lost."""
         now = time.time()
+        # Facts from Google (quotas, refusals) are written at once, for every process to see;
+        # a transient failure is a guess and waits for the batch like an answer.
         immediate = outcome.rule.scope is not None and not outcome.answered \
-            or bool(outcome.limits)
+            and outcome.rule.length != "transient" or bool(outcome.limits)
         if not immediate and model is not None and outcome.answered:
             view = self._view[1] if self._view else None
             pair = f"{key.fingerprint}/{model}"
@@ -2858,8 +2877,7 @@ class Router:
             return self._fetch_models(out, deadline_at)
 
     def _cached_models(self) -> list[dict[str, Any]] | None:
-        with self.store.transaction(write=False) as tx:
-            return cached_model_list(tx.router, self.settings, time.time())
+        return cached_model_list(self.store.snapshot()["router"], self.settings, time.time())
 
     def _fetch_models(self, out: Output | None,
                       deadline_at: float | None = None) -> list[dict[str, Any]]:
@@ -2936,17 +2954,17 @@ class Router:
              tier: str | None = None) -> RoutePlan:
         """The route plan; reused while the stats and router state are unchanged (tiers over
         every model would otherwise be recomputed for every request of a server)."""
-        with self.store.transaction(write=False) as tx:
-            stamp = (id(tx.stats), id(tx.router), id(models), model, tier)
-            cached = self._plans.get(stamp)
-            if cached is None:
-                cached = plan_route(tx, models, model, tier)
-                with self._lock:
-                    if len(self._plans) > 64:
-                        self._plans.clear()
-                    self._plans[stamp] = (cached, tx.stats, tx.router)   # keep ids alive
-                return cached
-            return cached[0]
+        tx = StateTransaction(None, self.store.snapshot(), write=False)
+        stamp = (id(tx.stats), id(tx.router), id(models), model, tier)
+        cached = self._plans.get(stamp)
+        if cached is None:
+            plan = plan_route(tx, models, model, tier)
+            with self._lock:
+                if len(self._plans) > 64:
+                    self._plans.clear()
+                self._plans[stamp] = (plan, tx.stats, tx.router)   # keeps the ids alive
+            return plan
+        return cached[0]
 
     def run(self, plan: RoutePlan, call: Callable[[ApiKey, str, float], Outcome], *,
             out: Output | None = None, input_limits: dict[str, int] | None = None,
@@ -4295,13 +4313,13 @@ def build_parser() -> ArgumentParser:
                         "$GEMINI_ROUTER_DEADLINE or 120)")
     p.add_argument("--dry-run", action="store_true",
                    help="explain which model and key would be used; call nothing")
-    p.add_argument("--wait", nargs="?", type=flag_type(Limit(0, 0, MAX_COOLDOWN_SECS)),
-                   const=float(MAX_COOLDOWN_SECS), default=None, metavar="SECONDS",
+    p.add_argument("--wait", nargs="?", type=flag_type(Limit(0, 0, MAX_WAIT_SECS)),
+                   const=float(MAX_WAIT_SECS), default=None, metavar="SECONDS",
                    help="when nothing is available, wait for the earliest recovery (a "
                         "cooldown's end) and try again; at most SECONDS, bare --wait at most "
-                        f"{MAX_COOLDOWN_SECS // 86400} days. A value is taken only if it is "
+                        f"{MAX_WAIT_SECS // 86400} days. A value is taken only if it is "
                         "a number")
-    p.numeric_optional["--wait"] = str(float(MAX_COOLDOWN_SECS))
+    p.numeric_optional["--wait"] = str(float(MAX_WAIT_SECS))
 
     p = command("rank", "discover models, probe them concurrently and print the tiers",
                 cmd_rank)

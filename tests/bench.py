@@ -809,7 +809,8 @@ def worker_overhead(p: dict) -> dict:
 
     def plain(i: int) -> None:
         request = glm.GenerateContentRequest(
-            model="models/" + model, contents=[glm.Content(role="user", parts=[glm.Part(text="hi")])])
+            model="models/" + model,
+            contents=[glm.Content(role="user", parts=[glm.Part(text="hi")])])
         response = clients[i % len(clients)].generate_content(request, timeout=60, retry=None)
         assert response.candidates[0].content.parts[0].text == f"[{model}] hi"
 
@@ -1074,7 +1075,7 @@ def section_fleet(setup: Setup, routes: int, threads: int) -> tuple[list[str], l
              f"{FLEET_FLAKY_RATE:.0%} of calls with an immediate 503, key#2 and key#3 "
              "rate-limited on every model (retryDelay 3600s), key#5 invalid; vs a healthy "
              f"fleet; {FLEET_LATENCY * 1000:.0f} ms per answer; long-lived Router, "
-             f"{threads} threads, routes interleaved =="]
+             f"{threads} thread{'s' if threads > 1 else ''}, routes interleaved =="]
     if "error" in data:
         return lines + [f"ERROR {data['error']}"], [Figure("30% fleet", "ERROR", ok=False)]
     rows, stats = [], {}
@@ -1240,7 +1241,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     ap.add_argument("--only", type=sections_arg, default=set(SECTIONS), metavar="S[,S...]",
                     help="run only these sections: " + "; ".join(
-                        f"{k} = {v}" for k, v in SECTIONS.items()))
+                        f"{k} = {v}" for k, v in SECTIONS.items()).replace("%", "%%"))
     ap.add_argument("--pairs", type=int, default=None,
                     help="route + SDK pairs per thread count in section 6 (default 600; 300 "
                          "with --quick)")
@@ -1515,7 +1516,7 @@ def run_all(setup: Setup, runs: int, procs: int, reps: int, itime_runs: int,
               "more than on a new one: fake_gemini writes the response headers and body "
               "separately without TCP_NODELAY (Nagle + delayed ACK). A single route uses a new "
               "connection; rank's later rounds reuse them (router and SDK script alike).")
-    print(f"one warm route_prompt did: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    print("one warm route_prompt did: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     startup = median(baseline.wall) * 1000
     print(f"for scale: python -c pass = {startup:.1f} ms; route's median wall minus the "
           f"direct SDK script's = "
