@@ -2724,9 +2724,10 @@ class Router:
 
     # --- state ------------------------------------------------------------------------
 
-    def view(self) -> StateView:
-        """The current picture of cooldowns and limits, rebuilt only when a file changed."""
-        docs = self.store.snapshot()
+    def view(self, docs: dict[str, dict[str, Any]] | None = None) -> StateView:
+        """The current picture of cooldowns and limits (of `docs`, a snapshot just taken, or
+        a fresh one), rebuilt only when a file changed."""
+        docs = docs or self.store.snapshot()
         cooldowns, router = docs["cooldowns"], docs["router"]
         stamp = (id(cooldowns), id(router))
         with self._lock:
@@ -2755,14 +2756,16 @@ class Router:
             self._rotation = (start + 1) % n
             return start
 
-    def reserve(self, session: RouteSession
+    def reserve(self, session: RouteSession, docs: dict[str, dict[str, Any]] | None = None
                 ) -> tuple[str, ApiKey, Block | None, bool] | None:
         """The next pair of `session`, counted toward its limits. A pair under a ceiling or a
         learned limit is counted at once under the lock, so two processes never both spend
         the last call of a window; other pairs are counted with the batched answers."""
         while True:
             now = time.time()
-            choice = session.choose(self.view(), now)
+            view = self.view(docs)
+            docs = None                    # a second look (after a lost race) reads afresh
+            choice = session.choose(view, now)
             if choice is None:
                 return None
             model, key, soft = choice
@@ -2770,7 +2773,7 @@ class Router:
                 moved = key.index % len(self.settings.keys)
                 self._rotation_moved |= moved != self._rotation
                 self._rotation = moved
-            if not self.view().paced(key, model):
+            if not view.paced(key, model):
                 return model, key, soft, False
             with self.store.transaction() as tx:
                 self._flush_into(tx)
@@ -2951,10 +2954,11 @@ class Router:
     # --- the route loop ---------------------------------------------------------------
 
     def plan(self, models: list[dict[str, Any]], model: str | None = None,
-             tier: str | None = None) -> RoutePlan:
+             tier: str | None = None, docs: dict[str, dict[str, Any]] | None = None
+             ) -> RoutePlan:
         """The route plan; reused while the stats and router state are unchanged (tiers over
         every model would otherwise be recomputed for every request of a server)."""
-        tx = StateTransaction(None, self.store.snapshot(), write=False)
+        tx = StateTransaction(None, docs or self.store.snapshot(), write=False)
         stamp = (id(tx.stats), id(tx.router), id(models), model, tier)
         cached = self._plans.get(stamp)
         if cached is None:
@@ -2968,7 +2972,8 @@ class Router:
 
     def run(self, plan: RoutePlan, call: Callable[[ApiKey, str, float], Outcome], *,
             out: Output | None = None, input_limits: dict[str, int] | None = None,
-            input_words: int = 0, deadline_at: float | None = None) -> RouteRun:
+            input_words: int = 0, deadline_at: float | None = None,
+            docs: dict[str, dict[str, Any]] | None = None) -> RouteRun:
         """Walk `plan` within the budget: at most max_attempts calls (a 404's check of the
         live list counts as one), never past the deadline (each call's timeout shrinks to
         what is left)."""
@@ -2989,7 +2994,8 @@ class Router:
             if left < 0.05:
                 stop = f"deadline of {s.deadline:g} s reached (GEMINI_ROUTER_DEADLINE)"
                 break
-            choice = self.reserve(session)
+            choice = self.reserve(session, docs)
+            docs = None                     # the next attempt reads the state afresh
             if choice is None:
                 break
             model, key, soft, counted = choice
@@ -3042,9 +3048,13 @@ class Router:
         self.settings.require_keys()
         request = self.client.build_request(prompt)
         deadline_at = time.monotonic() + self.settings.deadline
-        models = self.models(out=out, deadline_at=deadline_at)
+        # One look at the state serves the model list, the plan and the first reservation.
+        docs = self.store.snapshot()
+        models = cached_model_list(docs["router"], self.settings, time.time())
+        if models is None:
+            models, docs = self.models(out=out, deadline_at=deadline_at), None
         model = resolve_model(model, models) if model else None
-        plan = self.plan(models, model, tier)
+        plan = self.plan(models, model, tier, docs)
         for notice in plan.notices:
             (out.note if out else warn)(notice)
         if out:
@@ -3055,7 +3065,7 @@ class Router:
             return self.client.generate(key, name, request, on_text, timeout)
         limits = {m["name"]: m.get("input_limit", 0) for m in models}
         run = self.run(plan, call, out=out, input_limits=limits,
-                       input_words=request.input_words, deadline_at=deadline_at)
+                       input_words=request.input_words, deadline_at=deadline_at, docs=docs)
         return result_of(run, self.settings, out)
 
 
