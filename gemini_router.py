@@ -3,30 +3,37 @@
 
 The whole tool is this one module. It reads top to bottom in the order the data flows:
 
-  configuration  environment + flags -> a validated, immutable ``Settings``
+  configuration  environment + flags -> a validated, immutable ``Settings`` (keys, projects,
+                 the route budget, state locations)
   errors         one exception class per exit code; ``main`` turns them into one stderr line
-  state store    three JSON files (stats, cooldowns, router state) behind one lock file:
-                 writers hold it exclusively through ``filelock``, readers share it with
-                 ``flock``; short transactions, files atomically replaced on write
+  state store    three JSON documents (stats, cooldowns, router state) behind one lock per
+                 directory: writers hold it through ``filelock``, readers share it with
+                 ``flock`` and reuse what they parsed while no file changed; one bad entry is
+                 dropped, never its neighbours; files atomically replaced on write
   keys, client   ``key#N`` labels and sha256 fingerprints; one low-level SDK client per key
                  (never ``genai.configure``, which is process-global and sends the wrong key
-                 under threads); every upstream outcome classified into one ``Outcome``
-  outcomes       the single code path that turns an outcome into a sample, a cooldown or a
-                 disabled key - shared by ``route``, ``rank`` and model listing
+                 under threads); every upstream answer classified from its raw JSON through
+                 one table (``OUTCOME_RULES``, ``ERROR_TABLE``) into an ``Outcome``
+  outcomes       ``record_outcome``, the single path from an outcome to a sample, a cooldown
+                 (scoped like Google's limits: pair, project x model, project), a learned
+                 limit or a disabled key; ``StateView``, the indexed read-back of all that
   stats          rolling per-model samples summarised into success rate, latency, tokens
-  tiers          percentile cuts (S/A/B/C) of Fast, Quality and Balance scores
-  prober         asyncio + ThreadPoolExecutor probes for ``rank``, batched state writes
-  router         candidate order (lock, -m, tier order), key rotation, failover
+  tiers          percentile cuts (S/A/B/C) of Fast, Quality and Balance, ties within noise
+  prober         asyncio + ThreadPoolExecutor probes for ``rank``, through the router's core
+  router         ``Router``: plan (lock, -m, tier order), reserve (rotation, pacing), call,
+                 record; bounded by GEMINI_ROUTER_MAX_ATTEMPTS calls and a deadline
   CLI            argparse subcommands, tables, ``--json``, exit codes
 
 Design rules that the code keeps everywhere:
   * the state lock is never held across a network call;
+  * facts from Google (quotas, refusals) are written at once, for every process to see;
+    answers and transient failures (guesses) are batch-written;
   * a key's secret never leaves ``ApiKey.secret``: output shows ``key#N``, state keeps a
     fingerprint, and upstream messages are redacted before they are shown;
   * the Gemini SDK and tqdm are imported only by commands that use the network, so local
-    commands (tiers, stats, cooldowns, lock, unlock) start fast;
+    commands (tiers, stats, cooldowns, keys, lock, unlock) start fast;
   * every expected failure is a ``RouterError`` with its exit code: one line on stderr,
-    never a traceback.
+    never a traceback; an answer that arrived is always delivered.
 """
 from __future__ import annotations
 
