@@ -3895,23 +3895,46 @@ def learned_limits(settings: Settings, router: dict[str, Any]) -> list[dict[str,
 
 def cmd_cooldowns(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     store = StateStore(settings)
+    if args.clear_all and args.clear is None:
+        raise UsageError("--all goes with a bare --clear")
     if args.clear is not None:
+        if args.clear == "" and not args.clear_all and not confirm_clear_all(out):
+            return 0
         return clear_cooldowns(args.clear, settings, store, out)
     with store.transaction(write=False) as tx:
         now = time.time()
         entries = cooldown_entries(settings, tx.cooldowns, tx.router, now)
+        limits = learned_limits(settings, tx.router)
 
     def human() -> str:
-        if not entries:
-            return "no active cooldowns"
-        return format_table(
+        lines = [format_table(
             ["MODEL", "KEY", "LEFT", "UNTIL", "REASON"],
             [[e["model"] or "(every model)", e["key"] or "(every key)",
               "disabled" if e["until"] is None else _duration(e["remaining_s"]),
               "-" if e["until"] is None else _when(e["until"], now),
-              e["reason"]] for e in entries])
+              e["reason"]] for e in entries]) if entries else "no active cooldowns"]
+        if limits:
+            lines.append("\nlearned limits (paced under; from Google's quotaValue):")
+            lines += [f"  {lim['model']} on {', '.join(lim['keys'])}: " + ", ".join(
+                f"{lim[w]} {w}" for w in ("rpm", "rpd", "tpm") if lim.get(w)) for lim in limits]
+        return "\n".join(lines)
     out.emit(entries, human)
     return 0
+
+
+def confirm_clear_all(out: Output) -> bool:
+    """Clearing everything throws away what Google said: asked on a terminal, refused in a
+    script without --all."""
+    if not (sys.stdin.isatty() and sys.stderr.isatty()):
+        raise UsageError("a bare --clear clears every cooldown and disabled key: add --all "
+                         "to do it from a script, or name a MODEL or key#N")
+    sys.stderr.write(f"{PROG}: clear every cooldown, disabled key and learned limit? [y/N] ")
+    sys.stderr.flush()
+    answer = sys.stdin.readline().strip().lower()
+    if answer not in ("y", "yes"):
+        out.note("nothing cleared")
+        return False
+    return True
 
 
 def clear_cooldowns(target: str, settings: Settings, store: StateStore, out: Output) -> int:
@@ -4357,7 +4380,10 @@ def build_parser() -> ArgumentParser:
     command("stats", "rolling stats per model (no network)", cmd_stats)
     p = command("cooldowns", "active cooldowns and disabled keys (no network)", cmd_cooldowns)
     p.add_argument("--clear", nargs="?", const="", metavar="MODEL|key#N",
-                   help="clear every cooldown, or those of MODEL or key#N")
+                   help="clear the cooldowns of MODEL or key#N (or key?TAG of a key no "
+                        "longer configured); bare: everything, asked on a terminal")
+    p.add_argument("--all", "--yes", dest="clear_all", action="store_true",
+                   help="with a bare --clear: clear everything without asking")
     p = command("lock", "pin routing to one model", cmd_lock)
     p.add_argument("model", help="model name, with or without 'models/'")
     command("unlock", "remove the pin", cmd_unlock)

@@ -525,7 +525,7 @@ def test_cooldowns_on_fresh_state(run_main, fake):
 
 COMMANDS = [
     ("route", "hi"), ("route", "--dry-run", "hi"), ("stats",), ("cooldowns",), ("tiers",),
-    ("models",), ("lock", "gemini-2.0-flash"), ("unlock",), ("cooldowns", "--clear"),
+    ("models",), ("lock", "gemini-2.0-flash"), ("unlock",), ("cooldowns", "--clear", "--all"),
     ("rank", "--models", "gemini-2.0-flash-lite"),
 ]
 

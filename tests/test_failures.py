@@ -676,7 +676,7 @@ def test_cooldowns_lists_every_kind_with_reason_and_time_left(run3, state_dir):
 ])
 def test_cooldowns_clear(run3, state_dir, target, left):
     seed_cooldowns(state_dir, time.time())
-    r = run3("cooldowns", "--clear", *([target] if target else []))
+    r = run3("cooldowns", "--clear", *([target] if target else ["--all"]))
     assert r.code == 0, r.err
     assert [(e["model"], e["key"]) for e in run3("cooldowns", "--json").json()] == left
 

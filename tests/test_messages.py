@@ -67,7 +67,7 @@ def test_cooldowns_name_the_reason_in_words(run_main, fake, behaviour):
     run_main("route", "-m", FLASH, "hello")
     r = run_main("cooldowns")
     assert r.code == 0
-    table = r.out.splitlines()
+    table = r.out.split("\n\n")[0].splitlines()         # the table, before any footer
     assert len(table) >= 2
     for row in table[1:]:
         assert not CLASS_NAMES.search(row), row
@@ -150,3 +150,51 @@ def test_verbose_names_every_pair_skipped_and_why(run_main, fake):
                      r"minute .*\(\d+ s left\)", r.err), r.err
     assert re.search(r"skipped key#2 on gemini-2\.5-flash: disabled: API key not valid.*"
                      r"\(until a person acts\)", r.err), r.err
+
+
+def _seed_one_cooldown(run_main, fake):
+    fake.set_behaviour("rate_minute", key=KEYS[0], model=FLASH, retry_delay="300s")
+    assert run_main("route", "-m", FLASH, "hello", keys=KEYS[:2]).code == 0
+    assert len(run_main("cooldowns", "--json", keys=KEYS[:2]).json()) == 1
+
+
+def test_clearing_everything_from_a_script_needs_all(run_main, fake):
+    _seed_one_cooldown(run_main, fake)
+    r = run_main("cooldowns", "--clear", keys=KEYS[:2])
+    assert r.code == 2 and "add --all" in r.err
+    assert len(run_main("cooldowns", "--json", keys=KEYS[:2]).json()) == 1
+    r = run_main("cooldowns", "--clear", "--all", keys=KEYS[:2])
+    assert (r.code, r.out) == (0, "cleared 1 cooldown(s)\n")
+    assert run_main("cooldowns", "--json", keys=KEYS[:2]).json() == []
+    assert run_main("cooldowns", "--all", keys=KEYS[:2]).code == 2
+
+
+@pytest.mark.parametrize("answer, left", [("n\n", 1), ("y\n", 0)])
+def test_clearing_everything_on_a_terminal_asks_first(cli, fake, answer, left):
+    import os
+    import subprocess
+    import sys
+    fake.set_behaviour("rate_minute", key=KEYS[0], model=FLASH, retry_delay="300s")
+    assert cli("route", "-m", FLASH, "hello").code == 0
+    master, slave = os.openpty()
+    proc = subprocess.Popen([sys.executable, str(cli.env["PYTHONPATH"]) + "/gemini_router.py",
+                             "cooldowns", "--clear"], env=cli.env, stdin=slave, stderr=slave,
+                            stdout=subprocess.PIPE)
+    os.close(slave)
+    os.write(master, answer.encode())
+    out, _ = proc.communicate(timeout=30)
+    prompt = os.read(master, 4096).decode()
+    os.close(master)
+    assert proc.returncode == 0
+    assert "clear every cooldown, disabled key and learned limit? [y/N]" in prompt
+    assert len(cli("cooldowns", "--json").json()) == left
+    assert out.decode() == ("cleared 1 cooldown(s)\n" if left == 0 else "")
+
+
+def test_cooldowns_lists_the_learned_limits(run_main, fake):
+    fake.set_behaviour("rate_minute", key=KEYS[0], model=FLASH, quota_value="12",
+                       retry_delay="300s")
+    assert run_main("route", "-m", FLASH, "hello", keys=KEYS[:2]).code == 0
+    r = run_main("cooldowns", keys=KEYS[:2])
+    assert f"  {FLASH} on key#1: 12 rpm" in r.out
+    assert "learned limits" in r.out

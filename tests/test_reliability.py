@@ -502,7 +502,7 @@ def _no_file_writes() -> None:
 
 
 @pytest.mark.parametrize("args", [("route", "hello"), ("unlock",),
-                                  ("cooldowns", "--clear")])
+                                  ("cooldowns", "--clear", "--all")])
 def test_unwritable_state_is_exit_3_and_files_survive(warmed, run_main, fake, args):
     # a cooldown and a lock give `cooldowns --clear` and `unlock` something to write
     assert run_main("lock", "gemini-2.5-flash").code == 0
