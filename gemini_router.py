@@ -1318,7 +1318,7 @@ class RedisStateStore:
                 self.degraded = True
                 self.degraded_reason = f"Redis at {self.url} unreachable: {self._say(exc)}"
                 warn(f"state: {self.degraded_reason}; going on with this process's own copy "
-                     "of the state until it is back")
+                     "of the state until Redis answers again")
             self._retry_at = time.monotonic() + self.RETRY_EVERY
             mine = self._local["mine"]
             for name, text in (changed or {}).items():
