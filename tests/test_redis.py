@@ -20,8 +20,6 @@ route/failure suites run on Redis too with `pytest --state-backend=redis` (see c
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
 import signal
 import subprocess
@@ -296,7 +294,7 @@ def test_a_wrong_or_missing_password_is_exit_3_saying_so(cli, fake, redis_server
         r = cli("route", "hi", env={"GEMINI_ROUTER_STATE_URL": url})
         assert r.code == 3, r.err
         [line] = r.err.splitlines()
-        assert line.startswith(f"gemini-router: error: Redis at ") and \
+        assert line.startswith("gemini-router: error: Redis at ") and \
             "refused the credentials" in line, line
         assert "password" not in line.split("refused")[0].replace("***", "")
         assert "wrong-password" not in line
