@@ -1000,6 +1000,7 @@ class RedisStateStore:
     the process learned meanwhile is merged into what Redis holds (see merge_doc)."""
 
     RETRY_EVERY = 1.0        # seconds between attempts to get back to Redis while degraded
+    REACH_TIMEOUT = 0.5      # a degraded store's quick look whether Redis is back
     CONNECT_TIMEOUT = 2.0
     COMMAND_TIMEOUT = 5.0
 
@@ -1342,6 +1343,8 @@ class RedisStateStore:
                     return True
                 self._retry_at = time.monotonic() + self.RETRY_EVERY
                 base, mine = self._local["base"], dict(self._local["mine"])
+            if not self._reachable():
+                return False
             try:
                 self._merge_into_redis(base, mine)
             except (*self._lost, ConfigError):
@@ -1353,6 +1356,21 @@ class RedisStateStore:
             return True
         finally:
             self._writer.release()
+
+
+    def _reachable(self) -> bool:
+        """A quick TCP probe before a resync: a Redis host that drops packets costs the
+        request that tries at most REACH_TIMEOUT, not the client's connect timeout."""
+        import socket
+        options = self._redis.connection_pool.connection_kwargs
+        if "host" not in options:
+            return True                 # not TCP (a unix socket): let redis-py try
+        try:
+            socket.create_connection((options["host"], options.get("port", 6379)),
+                                     timeout=self.REACH_TIMEOUT).close()
+        except OSError:
+            return False
+        return True
 
 
 def _text(value: bytes | str) -> str:
@@ -1457,6 +1475,15 @@ def cache_key(parts: dict[str, Any]) -> str:
     text = json.dumps(plain(parts), sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                       default=str)
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def request_cache_key(settings: Settings, api: str, choice: str, body: Any) -> str:
+    """The cache key of a request as a gateway receives it: the API it came through
+    (e.g. "generateContent", "chat.completions"), the model choice as the client named it (a
+    model id, "auto", "auto-fast", ...), and its JSON body (key order does not matter). A
+    streamed and a plain request with the same body share the answer."""
+    return cache_key({"v": 1, "endpoint": settings.endpoint, "api": api, "choice": choice,
+                      "body": body})
 
 
 def _is_cache_key(key: str) -> bool:

@@ -203,3 +203,15 @@ def test_the_cache_key_is_canonical_and_sees_attachment_bytes():
     other = {**parts, "attachments": [["image/png", b"2"]]}
     assert gr.cache_key(parts) == gr.cache_key(same) != gr.cache_key(other)
     assert len(gr.cache_key(parts)) == 64
+
+
+def test_a_gateway_request_key_ignores_key_order_but_not_the_choice(fake, state_dir):
+    settings = gr.load_settings(base_env(state_dir, fake.url, KEYS[:1]))
+    body = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}],
+            "generationConfig": {"temperature": 0.2, "seed": 1}}
+    reordered = {"generationConfig": {"seed": 1, "temperature": 0.2},
+                 "contents": [{"parts": [{"text": "hi"}], "role": "user"}]}
+    key = gr.request_cache_key(settings, "generateContent", "auto", body)
+    assert key == gr.request_cache_key(settings, "generateContent", "auto", reordered)
+    assert key != gr.request_cache_key(settings, "generateContent", "auto-fast", body)
+    assert key != gr.request_cache_key(settings, "chat.completions", "auto", body)
