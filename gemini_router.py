@@ -122,7 +122,11 @@ LIMITS = {
     "GEMINI_ROUTER_RPD": Limit(0, 0, 10000000, integer=True),
     "GEMINI_ROUTER_MAX_ATTEMPTS": Limit(8, 1, 100, integer=True),
     "GEMINI_ROUTER_DEADLINE": Limit(120, 1, 86400),
+    "GEMINI_ROUTER_CACHE_TTL": Limit(0, 0, MAX_COOLDOWN_SECS),
+    "GEMINI_ROUTER_CACHE_MB": Limit(64, 1, 1048576),
 }
+DEFAULT_CACHE_TTL = 3600.0         # a bare `route --cache` without GEMINI_ROUTER_CACHE_TTL
+DEFAULT_REDIS_PREFIX = "gemini-router:"
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,12 @@ class Settings:
     max_attempts: int = 8     # upstream calls one route may make
     deadline: float = 120.0   # wall time one route may take, all attempts together
     projects: tuple[tuple[int, ...], ...] = ()   # GEMINI_ROUTER_PROJECTS groups, as key indexes
+    # GEMINI_ROUTER_STATE_URL: state in Redis instead of the files ("" = the files). It may
+    # hold a password: never in a repr, shown only through `redact_url`.
+    state_url: str = field(default="", repr=False)
+    redis_prefix: str = DEFAULT_REDIS_PREFIX      # every Redis key of this tool starts so
+    cache_ttl: float = 0.0                        # seconds an answer is kept; 0 = no cache
+    cache_max_bytes: int = 64 << 20               # bound of the files backend's cache
 
     def require_keys(self) -> tuple[ApiKey, ...]:
         if not self.keys:
@@ -289,7 +299,73 @@ def load_settings(env: dict[str, str] | None = None,
         max_attempts=int(flag_or("GEMINI_ROUTER_MAX_ATTEMPTS", "max_attempts")),
         deadline=flag_or("GEMINI_ROUTER_DEADLINE", "deadline"),
         projects=parse_projects(env.get("GEMINI_ROUTER_PROJECTS", ""), len(keys)),
+        state_url=state_url_setting(env, args),
+        redis_prefix=redis_prefix_setting(env),
+        cache_ttl=cache_ttl_setting(env, args),
+        cache_max_bytes=int(limit("GEMINI_ROUTER_CACHE_MB") * 1048576),
     )
+
+
+def state_url_setting(env: dict[str, str], args: argparse.Namespace | None) -> str:
+    """--state-url or GEMINI_ROUTER_STATE_URL, checked without importing redis; "" = files."""
+    flag = getattr(args, "state_url", None)
+    source = "--state-url" if flag is not None else "GEMINI_ROUTER_STATE_URL"
+    raw = (flag if flag is not None else env.get("GEMINI_ROUTER_STATE_URL", "")).strip()
+    if not raw:
+        return ""
+    from urllib.parse import urlsplit     # only here: a Redis user imports redis anyway
+    form = "redis://[:password@]host[:port][/db] or rediss://... (TLS)"
+    try:
+        parts = urlsplit(raw)
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"{source} must be {form}, got {redact_url(raw)[:80]!r}") from None
+    if parts.scheme.lower() not in ("redis", "rediss") or not parts.hostname:
+        raise ConfigError(f"{source} must be {form}, got {redact_url(raw)[:80]!r}")
+    db = parts.path.strip("/")
+    if db and not _is_decimal(db):
+        raise ConfigError(f"{source}: the database must be a number (/0 .. /15), got "
+                          f"{db[:20]!r} in {redact_url(raw)[:80]!r}")
+    if port == 0:
+        raise ConfigError(f"{source}: port 0 in {redact_url(raw)[:80]!r}")
+    return raw
+
+
+def redact_url(url: str) -> str:
+    """A URL as it may be shown: the password (and a lone user part) replaced by ***."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    netloc, slash, tail = rest.partition("/")
+    userinfo, at, host = netloc.rpartition("@")
+    if not at:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    shown = f"{user}:***" if colon else "***"
+    return f"{scheme}://{shown}@{host}{slash}{tail}"
+
+
+def redis_prefix_setting(env: dict[str, str]) -> str:
+    raw = env.get("GEMINI_ROUTER_REDIS_PREFIX", "").strip()
+    if not raw:
+        return DEFAULT_REDIS_PREFIX
+    if len(raw) > 100 or not all(33 <= ord(ch) < 127 for ch in raw):
+        raise ConfigError("GEMINI_ROUTER_REDIS_PREFIX must be up to 100 visible ASCII "
+                          f"characters, got {raw[:40]!r}")
+    return raw
+
+
+def cache_ttl_setting(env: dict[str, str], args: argparse.Namespace | None) -> float:
+    """How long answers are cached. `route` caches only when asked (--cache[=TTL]; bare, the
+    TTL is GEMINI_ROUTER_CACHE_TTL or an hour); other front ends (serve) follow
+    GEMINI_ROUTER_CACHE_TTL (0 = off, the default)."""
+    ttl = LIMITS["GEMINI_ROUTER_CACHE_TTL"].parse(env.get("GEMINI_ROUTER_CACHE_TTL"),
+                                                  "GEMINI_ROUTER_CACHE_TTL")
+    if args is None or not hasattr(args, "cache"):
+        return ttl
+    if args.cache is None:
+        return 0.0
+    return (ttl or DEFAULT_CACHE_TTL) if args.cache < 0 else args.cache
 
 
 def parse_projects(raw: str, n_keys: int) -> tuple[tuple[int, ...], ...]:
@@ -494,6 +570,30 @@ def sanitize_doc(name: str, doc: dict[str, Any]) -> tuple[dict[str, Any], int] |
     return clean, dropped
 
 
+def checked_doc(name: str, raw: bytes | str, where: str, noun: str, elsewhere: str
+                ) -> tuple[dict[str, Any], int] | str:
+    """(the sanitized document, how many entries were dropped), or what makes the whole
+    document unusable (to set it aside). A schema newer than this version is a ConfigError:
+    nothing may overwrite what a newer gemini-router wrote."""
+    try:
+        doc = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        return "is not valid JSON"
+    if not isinstance(doc, dict) or doc.get("kind", f"gemini-router/{name}") != \
+            f"gemini-router/{name}":
+        return f"is not a gemini-router {name} {noun}"
+    version = doc.get("schema")
+    if isinstance(version, int) and version > SCHEMA_VERSION:
+        raise ConfigError(f"{where} has schema {version}, newer than this gemini-router "
+                          f"understands ({SCHEMA_VERSION}); upgrade, or {elsewhere}")
+    if version != SCHEMA_VERSION:
+        return f"has an unsupported schema ({version!r})"
+    sanitized = sanitize_doc(name, doc)
+    if sanitized is None:
+        return "has an unexpected shape"
+    return sanitized
+
+
 def _copy(doc: dict[str, Any]) -> dict[str, Any]:
     """A writer's own copy of a cached document (plain JSON: a round trip is the fastest)."""
     return json.loads(json.dumps(doc))
@@ -565,6 +665,27 @@ class StateStore:
         self._noted: set[tuple[str, Any]] = set()
         self._snap: tuple[dict[str, Any], dict[str, dict[str, Any]]] | None = None
         self._locks: dict[str, Any] = {}
+
+    # The interface the Redis backend shares (see RedisStateStore): files are always there,
+    # so this store never degrades and has nothing to resynchronise.
+    degraded = False
+    degraded_reason: str | None = None
+
+    def describe(self) -> str:
+        """Where the state is, for messages and a status page."""
+        return f"files in {self.settings.state_dir}"
+
+    def resync(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        return None
+
+    @functools.cached_property
+    def cache(self) -> FileCache:
+        """The response cache, kept beside the state files (see FileCache)."""
+        return FileCache(os.path.join(self.settings.state_dir, "cache"),
+                         self.settings.cache_max_bytes)
 
     def check_dirs(self, create: bool) -> bool:
         """True when every state directory exists (creating them 0700 if asked)."""
@@ -754,24 +875,11 @@ class StateStore:
 
     def _parse(self, name: str, raw: bytes, sig: Any) -> tuple[str | None, dict[str, Any]]:
         path = self.paths[name]
-        try:
-            doc = json.loads(raw, parse_constant=_reject_constant)
-        except (ValueError, RecursionError):
-            return None, self.set_aside(name, "is not valid JSON")
-        if not isinstance(doc, dict) or doc.get("kind", f"gemini-router/{name}") != \
-                f"gemini-router/{name}":
-            return None, self.set_aside(name, "is not a gemini-router " + name + " file")
-        version = doc.get("schema")
-        if isinstance(version, int) and version > SCHEMA_VERSION:
-            raise ConfigError(f"state file {path} has schema {version}, newer than this "
-                              f"gemini-router understands ({SCHEMA_VERSION}); upgrade, or "
+        checked = checked_doc(name, raw, f"state file {path}", "file",
                               "point STATS_FILE/STATE_FILE/COOLDOWN_FILE elsewhere")
-        if version != SCHEMA_VERSION:
-            return None, self.set_aside(name, f"has an unsupported schema ({version!r})")
-        sanitized = sanitize_doc(name, doc)
-        if sanitized is None:
-            return None, self.set_aside(name, "has an unexpected shape")
-        clean, dropped = sanitized
+        if isinstance(checked, str):
+            return None, self.set_aside(name, checked)
+        clean, dropped = checked
         if dropped and (name, sig) not in self._noted:    # said once per file version
             self._noted.add((name, sig))
             kept = self.keep_copy(name, raw)
@@ -848,6 +956,756 @@ class StateStore:
         sig = self._signature(path)
         if sig is not None and doc is not None:
             self._cache[name] = (sig, text, json.loads(text))
+
+
+# --------------------------------------------------------------------------------------
+# The same state in Redis, shared by every process on every host
+# --------------------------------------------------------------------------------------
+# One hash `<prefix>state` holds the three documents as the JSON text the files would hold,
+# each beside its version (field "v:<name>", a random token replaced on every write). A
+# read is one Lua script: the versions, and the text of only those documents this process
+# has not parsed at that version, so an unchanged document stays the same object (the
+# Router's StateView cache keys on that) and no read is ever staler than one round trip.
+# Writers hold `<prefix>lock` (SET NX PX: a writer killed mid-transaction leaves a lock that
+# expires) and commit every changed document in one script that writes only while the lock
+# is still theirs. Documents carry key fingerprints, never a key. Cooldowns, counters and
+# strikes stay bounded as in the files: expired cooldowns are pruned on every batched
+# write, counters are one entry per (key, model), samples a rolling window per model.
+
+STATE_DOCS = ("stats", "cooldowns", "router")
+
+REDIS_READ = """
+local out = {}
+for i, name in ipairs({'stats', 'cooldowns', 'router'}) do
+  local v = redis.call('HGET', KEYS[1], 'v:' .. name)
+  if not v then
+    out[2 * i - 1], out[2 * i] = '', ''
+  elseif v == ARGV[i] then
+    out[2 * i - 1], out[2 * i] = v, ''
+  else
+    out[2 * i - 1], out[2 * i] = v, redis.call('HGET', KEYS[1], name) or ''
+  end
+end
+return out
+"""
+REDIS_COMMIT = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+for i = 2, #ARGV, 3 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1], 'v:' .. ARGV[i], ARGV[i + 2])
+end
+return 1
+"""
+REDIS_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def open_store(settings: Settings) -> StateStore | RedisStateStore:
+    """The state backend settings.state_url names: Redis, else the files (the default).
+    Everything above the store works the same with either."""
+    if settings.state_url:
+        return RedisStateStore(settings)
+    return StateStore(settings)
+
+
+class _Snapshot:
+    """What one Redis write transaction loads from (the documents as read under the lock)
+    and what StateTransaction.commit hands back (written together, in one script)."""
+
+    def __init__(self, entries: dict[str, tuple[str, str | None, dict[str, Any]]]):
+        self.entries = entries
+        self.changed: dict[str, str] = {}
+
+    def load(self, name: str, write: bool = True) -> tuple[str | None, dict[str, Any]]:
+        _, text, doc = self.entries[name]
+        return text, _copy(doc)
+
+    def write(self, name: str, text: str, doc: dict[str, Any] | None = None) -> None:
+        self.changed[name] = text
+
+
+class RedisStateStore:
+    """The state in Redis, with the interface of StateStore (transaction, load, write,
+    listing_hold, check_dirs), shared by every process naming the same URL and prefix.
+
+    Redis gone while a process runs: the store degrades to this process's own copy of the
+    state (`degraded` True, `degraded_reason` says why, one warning), so routes go on, and
+    once Redis answers again (tried at most every RETRY_EVERY seconds, or by `resync()`) what
+    the process learned meanwhile is merged into what Redis holds (see merge_doc)."""
+
+    RETRY_EVERY = 1.0        # seconds between attempts to get back to Redis while degraded
+    REACH_TIMEOUT = 0.5      # a degraded store's quick look whether Redis is back
+    CONNECT_TIMEOUT = 2.0
+    COMMAND_TIMEOUT = 5.0
+
+    def __init__(self, settings: Settings):
+        import threading
+        self.settings = settings
+        self.url = redact_url(settings.state_url)
+        prefix = settings.redis_prefix
+        self.state_key, self.lock_key = f"{prefix}state", f"{prefix}lock"
+        self.listing_key, self.cache_prefix = f"{prefix}listing", f"{prefix}cache:"
+        # A writer killed mid-transaction leaves a lock that expires within this; a waiter
+        # waits GEMINI_ROUTER_LOCK_TIMEOUT, so it outlasts a dead holder.
+        self.lock_ttl = max(1.0, settings.lock_timeout)
+        self.degraded = False
+        self.degraded_reason: str | None = None
+        self._docs: dict[str, tuple[str, str | None, dict[str, Any]]] = {}
+        self._local: dict[str, dict[str, dict[str, Any]]] | None = None   # base, mine
+        self._mutex = threading.RLock()      # _docs, _local and the degraded flag
+        self._writer = threading.Lock()      # one writer of this process at a time
+        self._noted: set[tuple[str, str]] = set()
+        self._retry_at = 0.0
+        self._redis, self._lost, self._scripts = self._connect()
+
+    # --- connection -------------------------------------------------------------------
+
+    def _connect(self) -> tuple[Any, tuple[type, ...], dict[str, Any]]:
+        try:
+            import redis
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+        except ImportError:
+            raise ConfigError(f"GEMINI_ROUTER_STATE_URL {self.url} needs the redis package: "
+                              "pip install 'gemini-router[redis]'") from None
+        try:
+            # One immediate retry: a pooled connection that Redis closed (a restart) is
+            # reopened once instead of failing the command; no backoff, so a Redis that is
+            # really gone is noticed at once and the store degrades.
+            client = redis.Redis.from_url(
+                self.settings.state_url, socket_connect_timeout=self.CONNECT_TIMEOUT,
+                socket_timeout=self.COMMAND_TIMEOUT, retry=Retry(NoBackoff(), 1))
+            client.ping()
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"GEMINI_ROUTER_STATE_URL {self.url}: {self._say(exc)}") from None
+        except (redis.AuthenticationError, redis.AuthenticationWrongNumberOfArgsError) as exc:
+            raise ConfigError(f"Redis at {self.url} refused the credentials: "
+                              f"{self._say(exc)}") from None
+        except (redis.RedisError, OSError) as exc:
+            raise ConfigError(f"cannot reach Redis at {self.url}: {self._say(exc)}") from None
+        scripts = {"read": client.register_script(REDIS_READ),
+                   "commit": client.register_script(REDIS_COMMIT),
+                   "release": client.register_script(REDIS_RELEASE)}
+        return client, (redis.RedisError, OSError), scripts
+
+    def _say(self, exc: BaseException) -> str:
+        """An error of redis-py as one line, the URL's password never in it."""
+        from urllib.parse import urlsplit
+        text = _one_line(exc, 240) or type(exc).__name__
+        with contextlib.suppress(ValueError):
+            password = urlsplit(self.settings.state_url).password
+            if password:
+                text = text.replace(password, "***")
+        return text
+
+    def describe(self) -> str:
+        """Where the state is, for messages and a status page (no password)."""
+        return f"Redis at {self.url} (keys {self.settings.redis_prefix}*)"
+
+    def check_dirs(self, create: bool) -> bool:
+        """The files' directory check; here: whether Redis answers (nothing to create)."""
+        return bool(self._guard(lambda r: r.ping(), False))
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._redis.close()
+
+    @functools.cached_property
+    def cache(self) -> RedisCache:
+        return RedisCache(self)
+
+    def _guard(self, action: Callable[[Any], Any], default: Any) -> Any:
+        """action(the client), or `default` while Redis is away (which degrades the store)."""
+        self._maybe_resync()
+        if self.degraded:
+            return default
+        try:
+            return action(self._redis)
+        except self._lost as exc:
+            self._degrade(exc)
+            return default
+
+    # --- transactions -----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self, write: bool = True) -> Iterator[StateTransaction]:
+        """As StateStore.transaction. A read is one atomic round trip and takes no lock
+        (its documents are shared: never modify them); a write holds the Redis lock and
+        commits every changed document at once."""
+        self._maybe_resync()
+        if not write:
+            yield StateTransaction(None, docs={n: e[2] for n, e in self._current().items()},
+                                   write=False)
+            return
+        if not self._writer.acquire(timeout=self.settings.lock_timeout):
+            raise self._lock_timeout()
+        try:
+            token, entries = self._begin_write()
+            snapshot = _Snapshot(entries)
+            tx = StateTransaction(snapshot)          # type: ignore[arg-type]
+            try:
+                yield tx
+                tx.commit()
+                if snapshot.changed:
+                    self._commit(token, entries, snapshot.changed)
+            finally:
+                if token is not None:
+                    self._release(self.lock_key, token)
+        finally:
+            self._writer.release()
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """Every document, read-only: one atomic read, the same objects while unchanged."""
+        with self.transaction(write=False) as tx:
+            return {name: tx.doc(name) for name in STATE_FILE_NAMES}
+
+    def load(self, name: str, write: bool = True) -> tuple[str | None, dict[str, Any]]:
+        """(text, document) of one document now; a copy for writers, shared for readers."""
+        _, text, doc = self._current()[name]
+        return text, (_copy(doc) if write else doc)
+
+    def write(self, name: str, text: str, doc: dict[str, Any] | None = None) -> None:
+        """Replace one document (under the lock, like every write)."""
+        with self.transaction() as tx:
+            target = tx.doc(name)
+            target.clear()
+            target.update(json.loads(text))
+
+    @contextlib.contextmanager
+    def listing_hold(self) -> Iterator[None]:
+        """As StateStore.listing_hold, across hosts: `<prefix>listing` with a TTL, so a
+        lister that died frees it; a stuck one never stops this process from listing."""
+        wait = self.settings.timeout + self.settings.lock_timeout
+        token = self._guard(lambda r: self._acquire(self.listing_key, wait, wait), None)
+        try:
+            yield
+        finally:
+            if token is not None:
+                self._release(self.listing_key, token)
+
+    def _current(self) -> dict[str, tuple[str, str | None, dict[str, Any]]]:
+        """The documents: as Redis holds them, or this process's copy while degraded."""
+        while True:
+            if not self.degraded:
+                try:
+                    return self._fetch()
+                except self._lost as exc:
+                    self._degrade(exc)
+            with self._mutex:
+                if self._local is not None:
+                    return {n: ("local", None, d) for n, d in self._local["mine"].items()}
+
+    def _begin_write(self) -> tuple[str | None, dict[str, tuple[str, str | None,
+                                                                 dict[str, Any]]]]:
+        """(the lock's token, the documents now); (None, this process's copy) if degraded."""
+        if not self.degraded:
+            token = None
+            try:
+                token = self._acquire(self.lock_key, self.lock_ttl, self.settings.lock_timeout)
+                if token is None:
+                    raise self._lock_timeout()
+                return token, self._fetch()
+            except self._lost as exc:
+                if token is not None:
+                    self._release(self.lock_key, token)
+                self._degrade(exc)
+        with self._mutex:
+            return None, {n: ("local", json.dumps(d, separators=(",", ":")), d)
+                          for n, d in self._local["mine"].items()}
+
+    def _commit(self, token: str | None, entries: dict[str, Any], changed: dict[str, str]
+                ) -> None:
+        if token is None:
+            with self._mutex:
+                if self._local is not None:
+                    self._local["mine"].update({n: json.loads(t) for n, t in changed.items()})
+                    return
+            token = ""              # back on Redis meanwhile: merge, below
+        try:
+            if token and self._write_docs(token, changed):
+                return
+            # The lock expired under a stalled writer (or Redis came back): apply this
+            # transaction's changes to what Redis holds now, never over it.
+            self._merge_into_redis({n: e[2] for n, e in entries.items()},
+                                   {n: json.loads(changed[n]) if n in changed else e[2]
+                                    for n, e in entries.items()})
+        except self._lost as exc:
+            # Written or not, Redis is away: this process keeps the change, merged later.
+            self._degrade(exc, entries, changed)
+
+    def _write_docs(self, token: str, changed: dict[str, str]) -> bool:
+        """Write documents in one script, only while `token` holds the lock."""
+        versions = {name: os.urandom(8).hex() for name in changed}
+        args = [token] + [x for name, text in changed.items()
+                          for x in (name, text, versions[name])]
+        if not self._scripts["commit"](keys=[self.state_key, self.lock_key], args=args):
+            return False
+        with self._mutex:
+            for name, text in changed.items():
+                self._docs[name] = (versions[name], text, json.loads(text))
+        return True
+
+    def _merge_into_redis(self, base: dict[str, dict[str, Any]],
+                          mine: dict[str, dict[str, Any]]) -> None:
+        """Apply the changes `mine` made since `base` to what Redis holds now, under the
+        lock. A document Redis no longer has (a restart without persistence) is written
+        back whole from `mine`."""
+        token = self._acquire(self.lock_key, self.lock_ttl, self.settings.lock_timeout)
+        if token is None:
+            raise self._lock_timeout()
+        try:
+            changed = {}
+            for name, (version, text, theirs) in self._fetch().items():
+                merged = merge_doc(name, base[name], mine[name],
+                                   theirs if version else base[name], self.settings)
+                merged_text = json.dumps(merged, separators=(",", ":"))
+                if merged_text != text and (text is not None or merged != empty_doc(name)):
+                    changed[name] = merged_text
+            if changed and not self._write_docs(token, changed):
+                raise ConfigError(f"state lock {self.lock_key} in Redis at {self.url} expired "
+                                  "during a write (GEMINI_ROUTER_LOCK_TIMEOUT)")
+        finally:
+            self._release(self.lock_key, token)
+
+    # --- reads ------------------------------------------------------------------------
+
+    def _fetch(self) -> dict[str, tuple[str, str | None, dict[str, Any]]]:
+        """Every document as Redis holds it now, read atomically: (version, text or None
+        when it must be rewritten, document); one parsed before at this version is the
+        same object as before."""
+        with self._mutex:
+            known = dict(self._docs)
+        reply = self._scripts["read"](keys=[self.state_key],
+                                      args=[known[n][0] if n in known else "" for n in STATE_DOCS])
+        entries = {}
+        for i, name in enumerate(STATE_DOCS):
+            version, body = _text(reply[2 * i]), reply[2 * i + 1]
+            old = known.get(name)
+            if old is not None and old[0] == version:
+                entries[name] = old
+            elif not version or not body:
+                entries[name] = ("", None, empty_doc(name))
+            else:
+                entries[name] = (version, *self._parse(name, body, version))
+        with self._mutex:
+            self._docs.update(entries)
+        return entries
+
+    def _parse(self, name: str, raw: bytes, version: str) -> tuple[str | None, dict[str, Any]]:
+        where = f"state in Redis at {self.url} ({self.state_key} {name})"
+        checked = checked_doc(name, raw, where, "document",
+                              "set another GEMINI_ROUTER_REDIS_PREFIX")
+        if isinstance(checked, str):
+            if self._first_time(name, version):
+                aside = f"{self.settings.redis_prefix}corrupt:{name}:{version}"
+                with contextlib.suppress(*self._lost):
+                    self._redis.set(aside, raw, ex=30 * 86400, nx=True)
+                warn(f"{where} {checked}; kept it as {aside} (for 30 days) and started afresh")
+            return None, empty_doc(name)
+        clean, dropped = checked
+        if dropped:
+            if self._first_time(name, version):
+                warn(f"{where}: dropped {dropped} unreadable entr"
+                     f"{'y' if dropped == 1 else 'ies'}, kept the rest")
+            return None, clean
+        return _text(raw), clean
+
+    def _first_time(self, name: str, version: str) -> bool:
+        """Once per document version and process: a warning is not repeated per read."""
+        with self._mutex:
+            if (name, version) in self._noted:
+                return False
+            self._noted.add((name, version))
+            return True
+
+    # --- locks ------------------------------------------------------------------------
+
+    def _acquire(self, key: str, ttl: float, wait: float) -> str | None:
+        """A token holding `key` (SET NX PX ttl), or None after waiting `wait` seconds."""
+        token = os.urandom(16).hex()
+        deadline = time.monotonic() + wait
+        pause = 0.002
+        while not self._redis.set(key, token, nx=True, px=max(1, int(ttl * 1000))):
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.02)
+        return token
+
+    def _release(self, key: str, token: str) -> None:
+        """Free `key` if `token` still holds it (its TTL frees it otherwise)."""
+        with contextlib.suppress(*self._lost):
+            self._scripts["release"](keys=[key], args=[token])
+
+    def _lock_timeout(self) -> ConfigError:
+        return ConfigError(f"state lock {self.lock_key} in Redis at {self.url} held by "
+                           f"another process for more than "
+                           f"{_fmt_num(self.settings.lock_timeout)} s "
+                           "(GEMINI_ROUTER_LOCK_TIMEOUT)")
+
+    # --- degraded mode ----------------------------------------------------------------
+
+    def _degrade(self, exc: BaseException, entries: dict[str, Any] | None = None,
+                 changed: dict[str, str] | None = None) -> None:
+        """Go on with this process's own copy of the state (from its last read); with
+        `changed`, a transaction's changes that Redis may not have got are kept in it."""
+        with self._mutex:
+            if self._local is None:
+                last = {n: self._docs[n][2] if n in self._docs else empty_doc(n)
+                        for n in STATE_DOCS}
+                self._local = {"base": {n: _copy(d) for n, d in last.items()},
+                               "mine": {n: _copy(d) for n, d in last.items()}}
+                self.degraded = True
+                self.degraded_reason = f"Redis at {self.url} unreachable: {self._say(exc)}"
+                warn(f"state: {self.degraded_reason}; going on with this process's own copy "
+                     "of the state until Redis answers again")
+            self._retry_at = time.monotonic() + self.RETRY_EVERY
+            mine = self._local["mine"]
+            for name, text in (changed or {}).items():
+                mine[name] = merge_doc(name, entries[name][2], json.loads(text), mine[name],
+                                       self.settings)
+
+    def _maybe_resync(self) -> None:
+        if self.degraded and time.monotonic() >= self._retry_at:
+            self.resync()
+
+    def resync(self) -> bool:
+        """Back to Redis if it answers: what this process learned while it was away is
+        merged into what Redis holds (merge_doc). True when the store is on Redis."""
+        if not self.degraded:
+            return True
+        if not self._writer.acquire(blocking=False):
+            return False            # a writer of this process is busy: the next try will do
+        try:
+            with self._mutex:
+                if self._local is None:
+                    return True
+                self._retry_at = time.monotonic() + self.RETRY_EVERY
+                base, mine = self._local["base"], dict(self._local["mine"])
+            if not self._reachable():
+                return False
+            try:
+                self._merge_into_redis(base, mine)
+            except (*self._lost, ConfigError):
+                return False
+            with self._mutex:
+                self.degraded, self.degraded_reason, self._local = False, None, None
+            warn(f"state: Redis at {self.url} is back; what this process learned meanwhile "
+                 "is merged in")
+            return True
+        finally:
+            self._writer.release()
+
+
+    def _reachable(self) -> bool:
+        """A quick TCP probe before a resync: a Redis host that drops packets costs the
+        request that tries at most REACH_TIMEOUT, not the client's connect timeout."""
+        import socket
+        options = self._redis.connection_pool.connection_kwargs
+        if "host" not in options:
+            return True                 # not TCP (a unix socket): let redis-py try
+        try:
+            socket.create_connection((options["host"], options.get("port", 6379)),
+                                     timeout=self.REACH_TIMEOUT).close()
+        except OSError:
+            return False
+        return True
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+# --- merging a document changed on both sides (Redis away, or a lock that expired) --------
+
+def merge_doc(name: str, base: dict[str, Any], mine: dict[str, Any], theirs: dict[str, Any],
+              settings: Settings) -> dict[str, Any]:
+    """`theirs` with the changes `mine` made since `base` applied, entry by entry.
+
+    Both sides' entries are kept; where both changed the same entry: the newer cooldown,
+    strike and learned limit win, call counts add up, samples are merged by time (the
+    rolling window kept). An entry removed on this side (a cleared cooldown) goes only if
+    the other side left it as it was; the pin (lock) and the rotation follow this side only
+    if the other did not change them."""
+    out = _copy(theirs)
+    if name == "stats":
+        for model, samples in mine["models"].items():
+            had = base["models"].get(model, [])
+            new = [s for s in samples if s not in had]
+            kept = out["models"].setdefault(model, [])
+            kept += [s for s in new if s not in kept]
+            kept.sort(key=lambda s: s["t"])
+            del kept[:-settings.rolling_window]
+        return out
+    if name == "cooldowns":
+        def by_target(doc: dict[str, Any]) -> dict[str, Any]:
+            return {json.dumps([e.get("model"), e.get("key")]): e for e in doc["cooldowns"]}
+        merged = _merge_map(by_target(base), by_target(mine), by_target(out),
+                            lambda was, m, t: m if m.get("since", 0) >= t.get("since", 0) else t)
+        out["cooldowns"] = list(merged.values())
+        out["disabled_keys"] = _merge_map(base["disabled_keys"], mine["disabled_keys"],
+                                          out["disabled_keys"])
+        return out
+    for field_name in ("next_key", "lock"):
+        if mine.get(field_name) != base.get(field_name) and \
+                out.get(field_name) == base.get(field_name):
+            out[field_name] = mine.get(field_name)
+    listing, there = mine.get("model_list"), out.get("model_list")
+    if listing != base.get("model_list") and listing and \
+            (not there or listing["fetched_at"] > there["fetched_at"]):
+        out["model_list"] = listing
+    out["usage"] = _merge_map(base["usage"], mine["usage"], out["usage"], _merge_usage)
+    out["strikes"] = _merge_map(base["strikes"], mine["strikes"], out["strikes"],
+                                lambda was, m, t: max(m, t, key=lambda v: _strike_count(v)[1]))
+    out["limits"] = _merge_map(base["limits"], mine["limits"], out["limits"],
+                               lambda was, m, t: max(m, t, key=lambda v: v.get("learned", 0)))
+    return out
+
+
+def _merge_map(base: dict[str, Any], mine: dict[str, Any], theirs: dict[str, Any],
+               both: Callable[[Any, Any, Any], Any] | None = None) -> dict[str, Any]:
+    """theirs + the entries mine added, changed or removed since base; `both(base, mine,
+    theirs)` decides an entry both sides changed (default: mine)."""
+    out = dict(theirs)
+    for k, value in mine.items():
+        was = base.get(k)
+        if value == was:
+            continue
+        there = theirs.get(k)
+        out[k] = value if there is None or there == was or both is None \
+            else both(was, value, there)
+    for k, was in base.items():
+        if k not in mine and theirs.get(k) == was:
+            out.pop(k, None)
+    return out
+
+
+def _merge_usage(was: dict[str, Any] | None, mine: dict[str, Any], theirs: dict[str, Any]
+                 ) -> dict[str, Any]:
+    """Calls counted on both sides: the counts add up (this side's since `was`)."""
+    if mine.get("day") != theirs.get("day"):
+        return max(mine, theirs, key=lambda u: u.get("day") or "")
+    before = was.get("count", 0) if was and was.get("day") == mine.get("day") else 0
+    merged = {**theirs, "count": theirs.get("count", 0) + mine.get("count", 0) - before}
+    minute = sorted(set(theirs.get("minute", [])) | set(mine.get("minute", [])))
+    keep = max(len(theirs.get("minute", [])), len(mine.get("minute", [])))
+    if keep:
+        merged["minute"] = minute[-keep:]
+    return merged
+
+
+# --------------------------------------------------------------------------------------
+# The response cache, kept where the state is
+# --------------------------------------------------------------------------------------
+
+def cache_key(parts: dict[str, Any]) -> str:
+    """The sha256 (hex) naming a cached answer: of a canonical JSON of everything that
+    changes the answer; bytes (attachments) enter by their own sha256."""
+    import hashlib
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, (bytes, bytearray)):
+            return {"sha256": hashlib.sha256(value).hexdigest()}
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+    text = json.dumps(plain(parts), sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      default=str)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def request_cache_key(settings: Settings, api: str, choice: str, body: Any) -> str:
+    """The cache key of a request as a gateway receives it: the API it came through
+    (e.g. "generateContent", "chat.completions"), the model choice as the client named it (a
+    model id, "auto", "auto-fast", ...), and its JSON body (key order does not matter). A
+    streamed and a plain request with the same body share the answer."""
+    return cache_key({"v": 1, "endpoint": settings.endpoint, "api": api, "choice": choice,
+                      "body": body})
+
+
+def _is_cache_key(key: str) -> bool:
+    return len(key) == 64 and all(c in "0123456789abcdef" for c in key)
+
+
+class ResponseCache:
+    """Answers kept for an exact repeat of a request (`route --cache`, the gateway), named
+    by `cache_key`, with hit/miss/store counters (for metrics). One answer may take at most
+    a quarter of the bound, so it never pushes out most of the others."""
+
+    def __init__(self, max_bytes: int):
+        import threading
+        self.max_bytes = max_bytes
+        self.hits = self.misses = self.stores = 0
+        self._counting = threading.Lock()
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """The value kept under `key` while its TTL lasts; None is a miss."""
+        entry = self._read(key) if _is_cache_key(key) else None
+        fresh = isinstance(entry, dict) and _is_time(entry.get("expires")) and \
+            entry["expires"] > time.time() and isinstance(entry.get("value"), dict)
+        self._count("hits" if fresh else "misses")
+        if not fresh:
+            if entry is not None:
+                self._drop(key)
+            return None
+        self._touch(key)
+        return entry["value"]
+
+    def put(self, key: str, value: dict[str, Any], ttl: float) -> bool:
+        """Keep `value` (plain JSON) for `ttl` seconds; False when it was not kept."""
+        if ttl <= 0 or not _is_cache_key(key):
+            return False
+        now = time.time()
+        text = json.dumps({"created": round(now, 3), "expires": round(now + ttl, 3),
+                           "value": value}, separators=(",", ":"))
+        if len(text) > self.max_bytes // 4 or not self._write(key, text, ttl):
+            return False
+        self._count("stores")
+        return True
+
+    def counters(self) -> dict[str, int]:
+        with self._counting:
+            return {"hits": self.hits, "misses": self.misses, "stores": self.stores}
+
+    def _count(self, what: str) -> None:
+        with self._counting:
+            setattr(self, what, getattr(self, what) + 1)
+
+    def clear(self) -> int | None:
+        """Remove every kept answer: how many, or None when the cache cannot be reached."""
+        raise NotImplementedError
+
+    def _read(self, key: str) -> Any:
+        raise NotImplementedError
+
+    def _write(self, key: str, text: str, ttl: float) -> bool:
+        raise NotImplementedError
+
+    def _touch(self, key: str) -> None:
+        return None
+
+    def _drop(self, key: str) -> None:
+        return None
+
+
+class FileCache(ResponseCache):
+    """One file per answer in `directory` (<state dir>/cache), at most `max_bytes` in all
+    (GEMINI_ROUTER_CACHE_MB): a store that finds more removes the least recently used
+    answers (a hit refreshes a file's time) down to 90% of it. An expired answer is removed
+    when it is looked up, or by that eviction."""
+
+    def __init__(self, directory: str, max_bytes: int):
+        super().__init__(max_bytes)
+        self.directory = directory
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.directory, f"{key}.json")
+
+    def _read(self, key: str) -> Any:
+        try:
+            with open(self._path(key), "rb") as f:
+                raw = f.read()
+            return json.loads(raw, parse_constant=_reject_constant)
+        except (OSError, ValueError, RecursionError):
+            return None
+
+    def _touch(self, key: str) -> None:
+        with contextlib.suppress(OSError):
+            os.utime(self._path(key))
+
+    def _drop(self, key: str) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self._path(key))
+
+    def _write(self, key: str, text: str, ttl: float) -> bool:
+        path = self._path(key)
+        tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+        try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with open(fd, "wb") as f:
+                f.write(text.encode())
+            os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            warn(f"could not cache the answer in {self.directory}: {exc.strerror or exc}")
+            return False
+        self._evict()
+        return True
+
+    def _files(self) -> list[tuple[float, int, str]]:
+        """(mtime, size, path) of every kept answer; temp files a crash left are removed."""
+        found: list[tuple[float, int, str]] = []
+        try:
+            entries = os.scandir(self.directory)
+        except OSError:
+            return found
+        with entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    st = entry.stat()
+                    if entry.name.endswith(".json"):
+                        found.append((st.st_mtime, st.st_size, entry.path))
+                    elif entry.name.endswith(".tmp") and st.st_mtime < time.time() - 600:
+                        os.unlink(entry.path)
+        return found
+
+    def _evict(self) -> None:
+        files = self._files()
+        total = sum(size for _, size, _ in files)
+        if total <= self.max_bytes:
+            return
+        for _, size, path in sorted(files):
+            if total <= self.max_bytes * 0.9:
+                break
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            total -= size
+
+    def clear(self) -> int | None:
+        removed = 0
+        for _, _, path in self._files():
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+                removed += 1
+        return removed
+
+
+class RedisCache(ResponseCache):
+    """Each answer under its own key `<prefix>cache:<sha256>` with a Redis TTL, so it
+    expires by itself. While Redis is away every lookup is a miss and nothing is kept."""
+
+    def __init__(self, store: RedisStateStore):
+        super().__init__(store.settings.cache_max_bytes)
+        self.store = store
+
+    def _read(self, key: str) -> Any:
+        raw = self.store._guard(lambda r: r.get(self.store.cache_prefix + key), None)
+        try:
+            return None if raw is None else json.loads(raw, parse_constant=_reject_constant)
+        except (ValueError, RecursionError):
+            return None
+
+    def _write(self, key: str, text: str, ttl: float) -> bool:
+        return bool(self.store._guard(lambda r: r.set(
+            self.store.cache_prefix + key, text, px=max(1, int(ttl * 1000))), False))
+
+    def clear(self) -> int | None:
+        pattern = "".join("\\" + c if c in "*?[]\\" else c for c in self.store.cache_prefix)
+
+        def drop(r: Any) -> int:
+            removed, batch = 0, []
+            for name in r.scan_iter(match=pattern + "*", count=500):
+                batch.append(name)
+                if len(batch) >= 500:
+                    removed += r.delete(*batch)
+                    batch = []
+            return removed + (r.delete(*batch) if batch else 0)
+        return self.store._guard(drop, None)
 
 
 # ======================================================================================
@@ -2529,6 +3387,7 @@ class RouteResult:
     latency_s: float
     usage: dict[str, int]
     attempts: list[Attempt]
+    cached: bool = False         # answered from the response cache, no upstream call
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -2714,7 +3573,7 @@ class Router:
         # so concurrent processes spread over the keys; a server rotates in memory.
         self.shared_rotation = shared_rotation
         self._rotation_moved = False
-        self.store = store or StateStore(settings)
+        self.store = store or open_store(settings)
         self._client = client
         self._lock = threading.RLock()
         self._pending: list[tuple[ApiKey, str, Outcome, float, float, bool]] = []
@@ -3051,8 +3910,14 @@ class Router:
     def route(self, prompt: PromptRequest, *, model: str | None = None,
               tier: str | None = None, on_text: Callable[[str], None] | None = None,
               out: Output | None = None) -> RouteResult:
-        """Send one prompt through the best available (model, key), failing over by outcome."""
+        """Send one prompt through the best available (model, key), failing over by outcome.
+        With settings.cache_ttl, an exact repeat is answered from the cache without a call."""
         self.settings.require_keys()
+        key = self.route_cache_key(prompt, model, tier) if self.settings.cache_ttl else None
+        if key is not None:
+            cached = self.cache_lookup(key, on_text, out)
+            if cached is not None:
+                return cached
         request = self.client.build_request(prompt)
         deadline_at = time.monotonic() + self.settings.deadline
         # One look at the state serves the model list, the plan and the first reservation.
@@ -3073,7 +3938,59 @@ class Router:
         limits = {m["name"]: m.get("input_limit", 0) for m in models}
         run = self.run(plan, call, out=out, input_limits=limits,
                        input_words=request.input_words, deadline_at=deadline_at, docs=docs)
-        return result_of(run, self.settings, out)
+        result = result_of(run, self.settings, out)
+        if key is not None:
+            self.cache_store(key, result)
+        return result
+
+    # --- the response cache -----------------------------------------------------------
+
+    def route_cache_key(self, prompt: PromptRequest, model: str | None = None,
+                        tier: str | None = None) -> str:
+        """The cache key of a route: the model choice as its plan resolves it (-m, else the
+        lock, else the tier), the endpoint, and everything the request carries."""
+        if model:
+            choice = f"model:{bare_model(model.strip())}"
+        else:
+            with self.store.transaction(write=False) as tx:
+                locked = tx.router.get("lock")
+            choice = f"model:{locked}" if locked else f"tier:{tier or 'balance'}"
+        return cache_key({"v": 1, "endpoint": self.settings.endpoint, "choice": choice,
+                          "prompt": prompt.text, "system": prompt.system,
+                          "options": prompt.options, "wire_options": prompt.wire_options,
+                          "schema": prompt.schema,
+                          "attachments": [[mime, data] for mime, data in prompt.attachments]})
+
+    def cache_lookup(self, key: str, on_text: Callable[[str], None] | None = None,
+                     out: Output | None = None) -> RouteResult | None:
+        """The cached answer of a repeated route (no upstream call), or None. A stream
+        gets the cached text in one piece."""
+        began = time.perf_counter()
+        value = self.store.cache.get(key)
+        if value is None:
+            return None
+        try:
+            result = RouteResult(model=str(value["model"]),
+                                 key=self.settings.label_of(value["key"]) or "-",
+                                 text=str(value["text"]),
+                                 finish_reason=str(value["finish_reason"]),
+                                 latency_s=round(time.perf_counter() - began, 4),
+                                 usage=dict(value["usage"]), attempts=[], cached=True)
+        except (KeyError, TypeError, ValueError):
+            return None
+        if out:
+            out.info(f"answered from the cache: an answer of {result.model} to the same request")
+        if on_text is not None and result.text:
+            on_text(result.text)
+        return result
+
+    def cache_store(self, key: str, result: RouteResult, ttl: float | None = None) -> bool:
+        """Keep an answer for repeats of its route, `ttl` (default settings.cache_ttl) s."""
+        fingerprint = next((k.fingerprint for k in self.settings.keys
+                            if k.label == result.key), None)
+        value = {"model": result.model, "key": fingerprint, "text": result.text,
+                 "finish_reason": result.finish_reason, "usage": result.usage}
+        return self.store.cache.put(key, value, self.settings.cache_ttl if ttl is None else ttl)
 
 
 def result_of(run: RouteRun, settings: Settings, out: Output | None = None) -> RouteResult:
@@ -3585,7 +4502,7 @@ def read_attachment(path: str) -> tuple[str, bytes]:
 
 def cmd_route(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     prompt, model = build_prompt(args)
-    store = StateStore(settings)
+    store = open_store(settings)
     if args.dry_run:
         return dry_run(settings, store, model, args.tier, out)
     streamed: list[str] = []
@@ -3626,8 +4543,11 @@ def cmd_route(args: argparse.Namespace, settings: Settings, out: Output) -> int:
         sys.stdout.write(result.text if result.text.endswith("\n") else result.text + "\n")
     if result.finish_reason not in ("STOP", ""):
         out.note(f"answer ended with finish reason {result.finish_reason}")
-    out.info(f"answered by {result.model} with {result.key} in {result.latency_s:.2f} s "
-             f"after {len(result.attempts)} attempt(s)")
+    if result.cached:
+        out.info(f"answered from the cache in {result.latency_s:.2f} s (no upstream call)")
+    else:
+        out.info(f"answered by {result.model} with {result.key} in {result.latency_s:.2f} s "
+                 f"after {len(result.attempts)} attempt(s)")
     return 0
 
 
@@ -3682,7 +4602,7 @@ def dry_run(settings: Settings, store: StateStore, model: str | None, tier: str 
 
 def cmd_rank(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     import fnmatch
-    store = StateStore(settings)
+    store = open_store(settings)
     with store.transaction(write=False) as tx:
         relisting = args.refresh or cached_model_list(tx.router, settings, time.time()) is None
     models = known_models(settings, store, refresh=args.refresh, out=out)
@@ -3752,7 +4672,7 @@ def no_success_reason(run: ProbeRun) -> str:
 
 
 def cmd_tiers(args: argparse.Namespace, settings: Settings, out: Output) -> int:
-    with StateStore(settings).transaction(write=False) as tx:
+    with open_store(settings).transaction(write=False) as tx:
         rows = compute_tiers(all_stats(tx.stats), model_index(tx.router), args.scoring)
     data = {r.model: {k: v for k, v in asdict(r).items() if k != "model"}
             for r in rows.values()}
@@ -3829,7 +4749,7 @@ def _secs(value: float | None) -> str:
 
 
 def cmd_stats(args: argparse.Namespace, settings: Settings, out: Output) -> int:
-    with StateStore(settings).transaction(write=False) as tx:
+    with open_store(settings).transaction(write=False) as tx:
         stats = all_stats(tx.stats)
     data = {m: {k: v for k, v in asdict(s).items() if k != "model"} for m, s in stats.items()}
 
@@ -3894,7 +4814,7 @@ def learned_limits(settings: Settings, router: dict[str, Any]) -> list[dict[str,
 
 
 def cmd_cooldowns(args: argparse.Namespace, settings: Settings, out: Output) -> int:
-    store = StateStore(settings)
+    store = open_store(settings)
     if args.clear_all and args.clear is None:
         raise UsageError("--all goes with a bare --clear")
     if args.clear is not None:
@@ -3978,7 +4898,7 @@ def clear_cooldowns(target: str, settings: Settings, store: StateStore, out: Out
 
 
 def cmd_lock(args: argparse.Namespace, settings: Settings, out: Output) -> int:
-    store = StateStore(settings)
+    store = open_store(settings)
     name = resolve_model(args.model, known_models(settings, store, out=out))
     with store.transaction() as tx:
         previous = tx.router.get("lock")
@@ -3991,7 +4911,7 @@ def cmd_lock(args: argparse.Namespace, settings: Settings, out: Output) -> int:
 
 
 def cmd_unlock(args: argparse.Namespace, settings: Settings, out: Output) -> int:
-    with StateStore(settings).transaction() as tx:
+    with open_store(settings).transaction() as tx:
         previous = tx.router.get("lock")
         tx.router["lock"] = None
     out.emit({"lock": None, "was": previous},
@@ -4000,7 +4920,7 @@ def cmd_unlock(args: argparse.Namespace, settings: Settings, out: Output) -> int
 
 
 def cmd_models(args: argparse.Namespace, settings: Settings, out: Output) -> int:
-    store = StateStore(settings)
+    store = open_store(settings)
     models = known_models(settings, store, refresh=args.refresh, out=out)
     text = set(text_model_names(models))
     shown = [m for m in models if args.all or m["name"] in text]
@@ -4050,7 +4970,7 @@ def cmd_models(args: argparse.Namespace, settings: Settings, out: Output) -> int
 def cmd_keys(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     """Each configured key: fingerprint, project, state, learned limits, calls today."""
     settings.require_keys()
-    with StateStore(settings).transaction(write=False) as tx:
+    with open_store(settings).transaction(write=False) as tx:
         now = time.time()
         view = StateView(settings, tx.cooldowns, tx.router)
         today = pacific_day(now)
@@ -4100,6 +5020,91 @@ def cmd_keys(args: argparse.Namespace, settings: Settings, out: Output) -> int:
                   f"'{PROG} cooldowns --clear {tag}' removes them" for tag in orphans]
         return "\n".join(lines)
     out.emit({"keys": data, "unconfigured": orphans} if out.json_mode else data, human)
+    return 0
+
+
+def cmd_state(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    """`state export`: the three documents as one JSON document on stdout; `state import
+    FILE|-`: such a document, validated entry by entry, replaces the state (one write under
+    the lock), so state moves between the files and Redis."""
+    store = open_store(settings)
+    if args.action == "export":
+        if args.file is not None:
+            raise UsageError("state export takes no FILE: it writes to stdout "
+                             "(redirect it: > state.json)")
+        with store.transaction(write=False) as tx:
+            docs = {name: tx.doc(name) for name in STATE_DOCS}
+        data = {"kind": STATE_EXPORT_KIND, "schema": SCHEMA_VERSION,
+                "exported_at": round(time.time(), 3), "source": store.describe(), **docs}
+        sys.stdout.write(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        return 0
+    if args.file is None:
+        raise UsageError(f"state import needs FILE, or - for stdin: a document from "
+                         f"'{PROG} state export'")
+    docs = read_state_export(args.file)
+    with store.transaction() as tx:
+        for name, doc in docs.items():
+            target = tx.doc(name)
+            target.clear()
+            target.update(doc)
+    counts = {"cooldowns": len(docs["cooldowns"]["cooldowns"]),
+              "disabled_keys": len(docs["cooldowns"]["disabled_keys"]),
+              "learned_limits": len(docs["router"]["limits"]),
+              "samples": sum(len(v) for v in docs["stats"]["models"].values()),
+              "models_listed": len((docs["router"]["model_list"] or {}).get("models", []))}
+    out.emit({"imported": counts, "into": store.describe()},
+             lambda: f"imported into {store.describe()}: " + ", ".join(
+                 f"{n} {what.replace('_', ' ')}" for what, n in counts.items()))
+    return 0
+
+
+STATE_EXPORT_KIND = "gemini-router/state"
+
+
+def read_state_export(path: str) -> dict[str, dict[str, Any]]:
+    """The documents of a `state export` file ('-' = stdin), each through the sanitiser the
+    state files go through: a bad entry is dropped with a warning, a bad document refused."""
+    where = "stdin" if path == "-" else path
+    try:
+        if path == "-":
+            raw = sys.stdin.buffer.read()
+        else:
+            with open(path, "rb") as f:
+                raw = f.read()
+    except OSError as exc:
+        raise UsageError(f"cannot read {where}: {exc.strerror or exc}") from None
+    except (ValueError, AttributeError):
+        raise UsageError("state import -: there is no stdin to read") from None
+    try:
+        data = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise UsageError(f"{where} is not valid JSON") from None
+    if not isinstance(data, dict) or data.get("kind") != STATE_EXPORT_KIND:
+        raise UsageError(f"{where} is not a document of '{PROG} state export'")
+    docs, dropped = {}, 0
+    for name in STATE_DOCS:
+        if not isinstance(data.get(name), dict):
+            raise UsageError(f"{where} has no {name} document")
+        checked = checked_doc(name, json.dumps(data[name]), f"{where} ({name})", "document",
+                              "export it with this version")
+        if isinstance(checked, str):
+            raise UsageError(f"{where}: the {name} document {checked}")
+        docs[name], n = checked
+        dropped += n
+    if dropped:
+        warn(f"{where}: dropped {dropped} unreadable entr{'y' if dropped == 1 else 'ies'}, "
+             "kept the rest")
+    return docs
+
+
+def cmd_cache(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    """`cache clear`: remove every cached answer, wherever the state is."""
+    store = open_store(settings)
+    removed = store.cache.clear()
+    if removed is None:
+        raise ConfigError(f"cannot clear the cache: {store.degraded_reason}")
+    out.emit({"cleared": removed},
+             lambda: f"cleared {removed} cached answer(s) from {store.describe()}")
     return 0
 
 
@@ -4251,6 +5256,13 @@ def flag_type(limit: Limit) -> Callable[[str], float]:
     return parse
 
 
+def cache_flag(text: str) -> float:
+    """route --cache[=TTL]: seconds, or -1 for a bare --cache (the setting's TTL)."""
+    if text == "default":
+        return -1.0
+    return flag_type(LIMITS["GEMINI_ROUTER_CACHE_TTL"])(text)
+
+
 def add_global_options(parser: argparse.ArgumentParser, top: bool) -> None:
     """Global options, accepted before or after the subcommand.
 
@@ -4269,6 +5281,9 @@ def add_global_options(parser: argparse.ArgumentParser, top: bool) -> None:
     g.add_argument("--state-dir", metavar="DIR", default=d(None),
                    help="state directory (default: $GEMINI_ROUTER_STATE_DIR or "
                         "$XDG_STATE_HOME/gemini-router)")
+    g.add_argument("--state-url", metavar="URL", default=d(None),
+                   help="keep the state in Redis: redis://[:password@]host:port/db or rediss:// "
+                        "(default: $GEMINI_ROUTER_STATE_URL, else the state directory)")
     g.add_argument("--timeout", metavar="SECONDS", type=flag_type(LIMITS["GEMINI_ROUTER_TIMEOUT"]), default=d(None),
                    help="per-request timeout (default: $GEMINI_ROUTER_TIMEOUT or 60)")
     g.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -4288,6 +5303,8 @@ environment:
                               GOOGLE_API_KEY); shown only as key#N
   GEMINI_API_ENDPOINT         API endpoint, scheme://host[:port]
   GEMINI_ROUTER_STATE_DIR     where cooldowns, stats and the lock are kept
+  GEMINI_ROUTER_STATE_URL     redis://[:password@]host:port/db: the state in Redis, shared
+  GEMINI_ROUTER_CACHE_TTL     seconds a cached answer is kept (route --cache, serve)
   GEMINI_ROUTER_PROJECTS      keys that share a Google Cloud project, e.g. "1,2;3,4"
   GEMINI_ROUTER_MAX_ATTEMPTS  upstream calls one route may make
   GEMINI_ROUTER_DEADLINE      seconds one route may take, all attempts together
@@ -4360,6 +5377,13 @@ def build_parser() -> ArgumentParser:
                         f"{MAX_WAIT_SECS // 86400} days. A value is taken only if it is "
                         "a number")
     p.numeric_optional["--wait"] = str(float(MAX_WAIT_SECS))
+    p.add_argument("--cache", nargs="?", type=cache_flag, const="default", default=None,
+                   metavar="TTL",
+                   help="answer an exact repeat of this request (model choice, prompt, system, "
+                        "options, attachments, schema) from the cache, and keep this answer for "
+                        "TTL seconds (bare: $GEMINI_ROUTER_CACHE_TTL or 3600). A value is taken "
+                        "only if it is a number")
+    p.numeric_optional["--cache"] = "default"
 
     p = command("rank", "discover models, probe them concurrently and print the tiers",
                 cmd_rank)
@@ -4392,6 +5416,14 @@ def build_parser() -> ArgumentParser:
     p = command("models", "the discovered models, their limits and status", cmd_models)
     p.add_argument("--refresh", action="store_true", help="relist models now")
     p.add_argument("--all", action="store_true", help="include non-text models")
+    p = command("state", "move the state between the files and Redis (export / import)",
+                cmd_state)
+    p.add_argument("action", choices=("export", "import"),
+                   help="export: the state as JSON on stdout; import: replace it from FILE")
+    p.add_argument("file", nargs="?", metavar="FILE", help="import: a file of 'state export' "
+                   "(- reads stdin)")
+    p = command("cache", "the response cache of route --cache (and serve)", cmd_cache)
+    p.add_argument("action", choices=("clear",), help="clear: remove every cached answer")
     return parser
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from conftest import KEYS
+from conftest import KEYS, read_state
 from fake_gemini import FakeGemini
 
 K1, K2, K3 = KEYS
@@ -117,8 +116,7 @@ def cooldown_entries(run) -> list[dict]:
 
 
 def samples(state_dir, model: str) -> list[tuple[str, bool]]:
-    path = state_dir / "model_stats.json"
-    doc = json.loads(path.read_text()) if path.exists() else {}
+    doc = read_state(state_dir, "stats")              # the files, or Redis (--state-backend)
     return [(s["kind"], s["ok"]) for s in doc.get("models", {}).get(model, [])]
 
 
@@ -493,7 +491,7 @@ def test_real_per_minute_quota_is_learned_and_cools_the_project(run, fake, state
                               (PRO, "key#2", "rate_limited", "project")]
     for e in cooldown_entries(run):
         assert e["until"] - e["since"] == pytest.approx(30, abs=1)
-    router = json.loads((state_dir / "router_state.json").read_text())
+    router = read_state(state_dir, "router")
     assert [(k.split("/", 1)[1], v.get("rpm")) for k, v in router["limits"].items()] == \
         [(PRO, 2)]
     keys = run("keys", "--json").json()["keys"]

@@ -315,7 +315,7 @@ def test_dash_a_dash_mistakes_are_usage_errors(cli, fake, args, stdin, message):
 # --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("typo, meant", [("rnak", "rank"), ("cooldown", "cooldowns"),
-                                         ("lokc", "lock"), ("statz", "stats")])
+                                         ("lokc", "lock"), ("statz", "stats or state")])
 def test_unknown_command_says_did_you_mean(run_main, fake, typo, meant):
     line = one_error_line(run_main(typo), 2)
     assert line.startswith(f"gemini-router: error: unknown command '{typo}'; did you mean "

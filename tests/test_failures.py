@@ -33,7 +33,6 @@ router_state.json `next_key` (0 on a fresh state, so key#1 goes first).
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import socket
 import time
@@ -43,7 +42,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from conftest import CLI, KEYS
+from conftest import CLI, KEYS, read_state, write_state
 
 K1, K2, K3 = KEYS
 FLASH = "gemini-2.5-flash"
@@ -76,10 +75,7 @@ def next_midnight_pacific(t: float) -> float:
 
 
 def state(state_dir: Path, name: str) -> dict:
-    files = {"stats": "model_stats.json", "router": "router_state.json",
-             "cooldowns": "cooldowns.json"}
-    path = state_dir / files[name]
-    return json.loads(path.read_text()) if path.exists() else {}
+    return read_state(state_dir, name)          # the files, or Redis (--state-backend)
 
 
 def cooldown_targets(state_dir: Path) -> list[tuple]:
@@ -629,7 +625,6 @@ def test_json_attempts_carry_model_key_outcome_latency(run3, fake):
 
 
 def seed_cooldowns(state_dir: Path, now: float) -> None:
-    state_dir.mkdir(parents=True, exist_ok=True)
     doc = {"schema": 1, "kind": "gemini-router/cooldowns",
            "cooldowns": [
                {"model": None, "key": fp(K1), "until": now + 100, "reason": "r-key",
@@ -641,7 +636,7 @@ def seed_cooldowns(state_dir: Path, now: float) -> None:
                {"model": LITE, "key": fp(K1), "until": now - 5, "reason": "r-expired",
                 "kind": "rate_limited", "since": now - 65}],
            "disabled_keys": {fp(K3): {"reason": "r-disabled", "since": now}}}
-    (state_dir / "cooldowns.json").write_text(json.dumps(doc))
+    write_state(state_dir, "cooldowns", doc)
 
 
 def test_cooldowns_lists_every_kind_with_reason_and_time_left(run3, state_dir):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from conftest import CLI, KEYS, ROOT, base_env
+from conftest import CLI, KEYS, ROOT, base_env, read_state, write_state
 
 FLASH = "gemini-2.5-flash"
 LITE = "gemini-2.0-flash-lite"
@@ -97,7 +97,7 @@ def test_a_learned_limit_paces_the_router_so_no_second_429_comes(run_main, fake,
     r = route(run_main, "-m", FLASH, "three", keys=keys)
     assert r.code == 4                                     # the 429 that teaches the limit
     assert generate_calls(fake) == 3
-    router = json.loads((state_dir / "router_state.json").read_text())
+    router = read_state(state_dir, "router")
     assert [v["rpm"] for v in router["limits"].values()] == [2]
     # a new minute upstream, and the cooldown cleared by hand: the router now paces itself
     assert run_main("cooldowns", "--clear", FLASH, keys=keys).code == 0
@@ -215,7 +215,7 @@ def test_transient_cooldowns_grow_with_repeated_failure(run_main, fake, state_di
     lengths = []
     for _ in range(3):
         assert route(run_main, "-m", FLASH, "--max-attempts", "1", "hi", keys=KEYS[:1]).code == 4
-        entry = json.loads((state_dir / "cooldowns.json").read_text())["cooldowns"][0]
+        entry = read_state(state_dir, "cooldowns")["cooldowns"][0]
         lengths.append(round(entry["until"] - entry["since"]))
     assert lengths == [5, 10, 20]
     assert generate_calls(fake) == 3
@@ -292,6 +292,7 @@ def test_a_locked_model_that_is_gone_says_so_and_wait_does_not_sleep(run_main, f
 # 7. The answer always reaches the user
 # --------------------------------------------------------------------------------------
 
+@pytest.mark.files_only            # test_redis.py holds the Redis lock instead
 def test_an_answer_is_printed_when_recording_it_fails(cli, fake, state_dir):
     assert cli("models").code == 0
     fake.set_latency(1.0, model=FLASH)
@@ -328,6 +329,7 @@ def test_one_file_named_by_two_overrides_is_refused(run_main, fake, tmp_path):
     assert "STATS_FILE and COOLDOWN_FILE name the same file" in r.err
 
 
+@pytest.mark.files_only
 def test_two_state_dirs_sharing_one_cooldown_file_lose_no_update(fake, tmp_path):
     shared = tmp_path / "shared"
     shared.mkdir()
@@ -349,6 +351,7 @@ def test_two_state_dirs_sharing_one_cooldown_file_lose_no_update(fake, tmp_path)
     assert list(shared.iterdir()) and not [p for p in shared.iterdir() if p.suffix == ".tmp"]
 
 
+@pytest.mark.files_only            # test_redis.py has the Redis counterpart
 def test_a_bad_entry_is_dropped_and_the_rest_kept(run_main, fake, state_dir):
     fake.set_behaviour("invalid_key", key=KEYS[0])
     assert route(run_main, "hi").code == 0
@@ -375,12 +378,11 @@ def test_a_bad_entry_is_dropped_and_the_rest_kept(run_main, fake, state_dir):
 def test_a_clock_stepped_backwards_never_stretches_a_cooldown(run_main, fake, state_dir):
     assert route(run_main, "hi").code == 0
     now = time.time()
-    path = state_dir / "cooldowns.json"
     doc = {"schema": 1, "kind": "gemini-router/cooldowns", "disabled_keys": {}}
     # written an hour "in the future": the clock has since been stepped back an hour
     doc["cooldowns"] = [{"model": FLASH, "key": None, "until": now + 3600 + 60,
                          "since": now + 3600, "reason": "rate limited", "kind": "rate_limited"}]
-    path.write_text(json.dumps(doc))
+    write_state(state_dir, "cooldowns", doc)
     entries = cooldowns(run_main)
     assert len(entries) == 1 and 55 <= entries[0]["remaining_s"] <= 60
 
@@ -402,17 +404,17 @@ def test_an_old_format_state_dir_keeps_its_cooldowns_and_disabled_keys(run_main,
     fps = [k.fingerprint for k in __import__("gemini_router").collect_keys(
         {f"GEMINI_API_KEY_{i}": k for i, k in enumerate(KEYS, 1)})]
     now = time.time()
-    (state_dir / "cooldowns.json").write_text(json.dumps({
+    write_state(state_dir, "cooldowns", {
         "schema": 1, "kind": "gemini-router/cooldowns",
         "cooldowns": [{"model": FLASH, "key": fps[0], "until": now + 600,
                        "reason": "rate limited (GenerateRequestsPerMinute)"}],
-        "disabled_keys": {fps[1]: {"reason": "API key not valid", "since": now - 10}}}))
-    router = json.loads((state_dir / "router_state.json").read_text())
+        "disabled_keys": {fps[1]: {"reason": "API key not valid", "since": now - 10}}})
+    router = read_state(state_dir, "router")
     router.pop("limits", None)
     router["strikes"] = {FLASH: 2}
     router["usage"] = {f"{fps[0]}/{FLASH}": {"minute": [now - 5], "day": "2026-11-30",
                                              "count": 3}}
-    (state_dir / "router_state.json").write_text(json.dumps(router))
+    write_state(state_dir, "router", router)
     fake.reset_log()
     r = route(run_main, "-m", FLASH, "hi")
     assert r.code == 0, r.err
