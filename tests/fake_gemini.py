@@ -28,6 +28,9 @@ otherwise ignored except for ``pageSize``/``pageToken``; the key is read from th
 - ``POST /v1beta/models/{m}:streamGenerateContent`` -> the same answer as a streamed JSON array
   (see "Stream framing" below) in 2-3 elements; the last carries finishReason and usageMetadata.
 - ``POST /v1beta/models/{m}:countTokens``          -> ``{"totalTokens": N}``.
+- ``POST /v1beta/models/{m}:embedContent``         -> ``{"embedding": {"values": [...]}}``, and
+  ``:batchEmbedContents`` -> ``{"embeddings": [...]}`` (one per request): EMBEDDING_DIMENSION
+  numbers from the text's sha256, for models listing "embedContent".
 
 A model is known when it is in ``FakeGemini.models`` (``remove_model(name)`` takes one out:
 list, get and generate then 404 it); generate/stream need "generateContent" and count needs
@@ -410,7 +413,12 @@ _STATUS_NAMES = {
 }
 
 _ACTION_METHOD = {"generate": "generateContent", "stream": "streamGenerateContent",
-                  "count": "countTokens"}
+                  "count": "countTokens", "embed": "embedContent",
+                  "batch_embed": "batchEmbedContents"}
+# The method a model must list for each action (batchEmbedContents rides on embedContent).
+_NEEDED_METHOD = {"count": "countTokens", "embed": "embedContent",
+                  "batch_embed": "embedContent"}
+EMBEDDING_DIMENSION = 8
 _VERB_ACTION = {v: k for k, v in _ACTION_METHOD.items()}
 
 _SERVICE = "generativelanguage.googleapis.com"
@@ -791,6 +799,14 @@ def _request_texts(body: dict) -> list[str]:
     if isinstance(inner, dict):
         texts += _texts(inner.get("contents")) + _texts(inner.get("systemInstruction"))
     return texts
+
+
+def _embedding(content: Any) -> dict:
+    """A fixed-size embedding of a content's text: EMBEDDING_DIMENSION numbers in [0, 1)
+    derived from its sha256, so equal texts embed equally."""
+    import hashlib
+    digest = hashlib.sha256(" ".join(_texts(content)).encode()).digest()
+    return {"values": [round(b / 256, 6) for b in digest[:EMBEDDING_DIMENSION]]}
 
 
 def _words(texts: list[str]) -> int:
@@ -1442,7 +1458,7 @@ class FakeGemini:
             else:
                 h.send_json(call, 200, entry)
             return
-        needed = "countTokens" if action == "count" else "generateContent"
+        needed = _NEEDED_METHOD.get(action, "generateContent")
         if entry is None or needed not in entry.get("supportedGenerationMethods", []):
             h.send_json(call, 404, _error(404, _not_found_msg(model, action)))
             return
@@ -1455,6 +1471,15 @@ class FakeGemini:
 
         if b == "empty200":
             h.send_raw(call, 200, b"", "application/json; charset=UTF-8")
+            return
+        if action == "embed":
+            h.send_json(call, 200, {"embedding": _embedding(body.get("content"))})
+            return
+        if action == "batch_embed":
+            requests = body.get("requests") if isinstance(body.get("requests"), list) else []
+            h.send_json(call, 200, {"embeddings": [
+                _embedding(r.get("content") if isinstance(r, dict) else None)
+                for r in requests]})
             return
         if action == "count":
             h.send_json(call, 200, {"totalTokens": _prompt_tokens(body)})
