@@ -4718,15 +4718,13 @@ def route_via_server(settings: Settings, prompt: PromptRequest, *, model: str | 
         if not kind.startswith(("application/json", "application/x-ndjson")):
             raise ConfigError(f"{settings.server} is not a {PROG} gateway: HTTP {status} with "
                               f"a {kind.split(';')[0] or 'untyped'} body")
-        for line in response:
-            try:
-                event = json.loads(line)
-            except ValueError:
+        # A streamed route sends its events as JSON lines, a plain one a single document.
+        lines = response if kind.startswith("application/x-ndjson") else [response.read()]
+        for line in lines:
+            event = _safe_loads(line)
+            if event is None:
                 break
-            if not isinstance(event, dict):
-                break
-            for level, message in event.get("log", []) if "result" in event or \
-                    "error" in event else [event["log"]] if "log" in event else []:
+            for level, message in gateway_log_lines(event):
                 (out.info if level == "info" else out.note)(message)
             if "text" in event and on_text is not None:
                 on_text(event["text"])
@@ -4737,6 +4735,17 @@ def route_via_server(settings: Settings, prompt: PromptRequest, *, model: str | 
             if "error" in event:
                 raise gateway_error_of(event["error"], settings.server)
     raise UpstreamError(f"the gateway {settings.server} ended its answer without a result")
+
+
+def gateway_log_lines(event: dict[str, Any]) -> list[tuple[str, str]]:
+    """The (level, message) lines of a gateway's route event: a streamed event carries one,
+    a whole answer all of them."""
+    log = event.get("log")
+    if not isinstance(log, list) or not log:
+        return []
+    lines = [log] if isinstance(log[0], str) else log
+    return [(str(line[0]), str(line[1])) for line in lines
+            if isinstance(line, list) and len(line) == 2]
 
 
 def gateway_error_of(error: Any, server: str) -> RouterError:
