@@ -3833,9 +3833,11 @@ def status_cell(block: Block | None, now: float) -> dict[str, Any]:
     if block is None:
         return {"state": "ok", "until": None, "remaining_s": None, "why": None, "kind": None}
     state = "disabled" if block.until is None else "cooling"
+    why = block.reason[len("disabled: "):] if block.reason.startswith("disabled: ") \
+        else block.reason
     return {"state": state, "until": None if block.until is None else round(block.until, 3),
             "remaining_s": None if block.until is None else round(block.until - now, 1),
-            "why": block.reason, "kind": block.kind, "soft": block.soft}
+            "why": why, "kind": block.kind, "soft": block.soft}
 
 
 def gemini_model_entry(model: dict[str, Any]) -> dict[str, Any]:
@@ -3898,7 +3900,8 @@ h1{font-size:1.3em;margin:0 0 .2em}h2{font-size:1.05em;margin:1.4em 0 .4em}
 p.meta{color:#666;margin:0}table{border-collapse:collapse;background:#fff}
 th,td{border:1px solid #ddd;padding:.3em .5em;vertical-align:top;text-align:left}
 th{background:#f0f0f0;font-weight:600}td.num{text-align:right}
-td.cell b{display:block}td.cell small{display:block;color:#555;max-width:22em}
+td.cell b{display:block}td.cell small{display:block;color:#555;max-width:22em;
+overflow-wrap:anywhere}
 td.ok{background:#e8f6e8}td.ok b{color:#1a6b1a}
 td.cooling{background:#fff4d6}td.cooling b{color:#8a5a00}
 td.disabled{background:#fbe3e3}td.disabled b{color:#a11}
@@ -3956,7 +3959,8 @@ def status_page(status: dict[str, Any]) -> str:
               "<th>#</th><th>model</th><th>fast</th><th>quality</th><th>balance</th>"
               "<th>latency p50</th><th>success</th><th>samples</th></tr></thead><tbody>"]
     for model, t in status["tiers"].items():
-        latency = "-" if t["latency_p50_s"] is None else f"{t['latency_p50_s']:.2f} s"
+        p50 = t["latency_p50_s"]
+        latency = "-" if p50 is None else f"{p50 * 1000:.0f} ms" if p50 < 1 else f"{p50:.2f} s"
         success = "-" if t["success_rate"] is None else f"{t['success_rate'] * 100:.0f}%"
         lines.append(f'<tr data-model="{e(model)}"><td class="num">{t["rank"]}</td>'
                      f"<td>{e(model)}</td><td>{t['fast']}</td><td>{t['quality']}</td>"

@@ -13,14 +13,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 import requests
 
 from conftest import KEYS, ROOT, base_env
-from gateway_fixtures import (CLIENT_ENV, CLIENT_KEYS, FLASH, answer_text, gateway,  # noqa: F401
-                              gateway_env, guarded, serving, sse_events)
+from gateway_fixtures import CLIENT_KEYS, FLASH, answer_text, sse_events
+from gateway_fixtures import gateway, guarded  # noqa: F401  (fixtures)
 
 import gemini_router as gr
 

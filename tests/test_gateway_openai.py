@@ -11,7 +11,8 @@ import pytest
 import requests
 
 from conftest import KEYS
-from gateway_fixtures import CLIENT_KEYS, FLASH, guarded  # noqa: F401
+from gateway_fixtures import CLIENT_KEYS, FLASH
+from gateway_fixtures import guarded  # noqa: F401  (a fixture)
 
 import gemini_router as gr
 
