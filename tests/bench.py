@@ -1360,8 +1360,8 @@ def section_gateway(setup: Setup, requests_per_level: int, throughput_requests: 
                                    f"{median(samples[name]) / base:.2f}x"]
                                   for name, _, _ in cmds], right={1, 3}))
         lines.append(f"simulator at {ROUTE_LATENCY * 1000:.0f} ms; medians of {runs} "
-                     "interleaved runs; the forwarding route imports neither the SDK nor "
-                     "requests (stdlib urllib)")
+                     "interleaved runs; the forwarding route imports neither the SDK nor an "
+                     "HTTP library (a plain socket to the gateway)")
     finally:
         for proc in procs:
             stop_process(proc)
