@@ -152,6 +152,11 @@ class Settings:
     redis_prefix: str = DEFAULT_REDIS_PREFIX      # every Redis key of this tool starts so
     cache_ttl: float = 0.0                        # seconds an answer is kept; 0 = no cache
     cache_max_bytes: int = 64 << 20               # bound of the files backend's cache
+    # The gateway (see "Gateway"): GEMINI_ROUTER_CLIENT_KEYS as (secret, name) pairs; where
+    # `route` sends its request instead of calling Gemini, and the client key it presents.
+    client_keys: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    server: str = ""
+    client_key: str = field(default="", repr=False)
 
     def require_keys(self) -> tuple[ApiKey, ...]:
         if not self.keys:
@@ -303,6 +308,10 @@ def load_settings(env: dict[str, str] | None = None,
         redis_prefix=redis_prefix_setting(env),
         cache_ttl=cache_ttl_setting(env, args),
         cache_max_bytes=int(limit("GEMINI_ROUTER_CACHE_MB") * 1048576),
+        client_keys=parse_client_keys(env.get("GEMINI_ROUTER_CLIENT_KEYS", ""), keys),
+        server=validate_endpoint(env["GEMINI_ROUTER_SERVER"], "GEMINI_ROUTER_SERVER")
+        if env.get("GEMINI_ROUTER_SERVER", "").strip() else "",
+        client_key=env.get("GEMINI_ROUTER_CLIENT_KEY", "").strip(),
     )
 
 
@@ -4073,6 +4082,1766 @@ def known_models(settings: Settings, store: StateStore, refresh: bool = False,
 
 
 # ======================================================================================
+# Gateway: `gemini-router serve`, the same routing core behind an HTTP front end
+# ======================================================================================
+# One routing core, two front ends: every endpoint plans with `Router.plan` and fails over
+# with `Router.run(plan, call)`; only `call` differs - it forwards the client's JSON body
+# unchanged instead of building a request with the SDK. Why this stack:
+#   * uvicorn + FastAPI (ASGI, interactive docs at /docs), installed by the optional extra
+#     `serve` and imported by `serve` alone, so every other command starts as fast as before;
+#   * upstream HTTP is the core's own `GeminiClient.raw`: a pooled `requests.Session`, the
+#     SDK's own transport and already a dependency - no second HTTP client, and connections
+#     to Google are reused across requests;
+#   * the core is synchronous and thread-safe, so each request runs it in a worker thread
+#     (anyio's pool) while the event loop keeps accepting.
+# Streams fail over only before their first byte leaves: the upstream stream is read until
+# it carries content (or ends); until then any failure is just another outcome for the run
+# loop. From then on the call is "deferred" and its final outcome is recorded when it ends.
+
+DEFAULT_PORT = 8787
+SERVE_HINT = "pip install 'gemini-router[serve]'"
+# OpenAI-style model names that route by tier instead of naming a model.
+AUTO_MODELS = {"auto": "balance", "auto-balance": "balance", "auto-fast": "fast",
+               "auto-quality": "quality"}
+GEMINI_METHODS = ("generateContent", "streamGenerateContent", "countTokens", "embedContent",
+                  "batchEmbedContents")
+EMBED_METHODS = ("embedContent", "batchEmbedContents")
+GEMINI_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
+                 404: "NOT_FOUND", 405: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED",
+                 500: "INTERNAL", 502: "UNAVAILABLE", 503: "UNAVAILABLE",
+                 504: "DEADLINE_EXCEEDED"}
+OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                      403: "permission_error", 404: "invalid_request_error",
+                      405: "invalid_request_error", 429: "rate_limit_error"}
+CLIENT_NAME_FORM = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+GATEWAY_THREADS = 64          # requests routed at once (worker threads); more wait their turn
+STATUS_REFRESH_S = 5          # the status page reloads itself this often
+UPSTREAM_POOL = 64            # connections kept open to the upstream
+
+
+def parse_client_keys(raw: str, google_keys: tuple[ApiKey, ...] = ()
+                      ) -> tuple[tuple[str, str], ...]:
+    """GEMINI_ROUTER_CLIENT_KEYS "secret1:name1,secret2:name2" -> ((secret, name), ...).
+
+    Messages name an entry by its position and never echo a secret."""
+    import re
+    form = ("GEMINI_ROUTER_CLIENT_KEYS must be secret:name pairs separated by commas "
+            "(e.g. 'a-long-random-secret:alice,another-secret:bob')")
+    pairs: list[tuple[str, str]] = []
+    for n, item in enumerate((p.strip() for p in raw.split(",") if p.strip()), 1):
+        secret, sep, name = (part.strip() for part in item.rpartition(":"))
+        if not sep or not secret or not name:
+            raise ConfigError(f"{form}; entry {n} is not secret:name")
+        if not re.fullmatch(CLIENT_NAME_FORM, name):
+            raise ConfigError(f"{form}; the name of entry {n} must be 1-64 letters, digits, "
+                              "'.', '_' or '-'")
+        if not all(33 <= ord(ch) < 127 for ch in secret) or len(secret) < MIN_KEY_LENGTH:
+            raise ConfigError(f"{form}; the secret of entry {n} ({name}) must be at least "
+                              f"{MIN_KEY_LENGTH} visible ASCII characters")
+        if any(secret == k.secret for k in google_keys):
+            raise ConfigError(f"GEMINI_ROUTER_CLIENT_KEYS entry {n} ({name}) is one of the "
+                              "Google API keys: clients get secrets of their own")
+        if any(secret == s for s, _ in pairs) or any(name == m for _, m in pairs):
+            raise ConfigError(f"GEMINI_ROUTER_CLIENT_KEYS entry {n} ({name}) repeats a "
+                              "secret or a name of an earlier entry")
+        pairs.append((secret, name))
+    return tuple(pairs)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether every address `host` names is a loopback address (127.0.0.0/8, ::1)."""
+    import ipaddress
+    import socket
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        found = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(found) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in found)
+
+
+class GatewayError(Exception):
+    """An answer the gateway gives instead of the upstream's, rendered in the called API's
+    error shape (`error_document`)."""
+
+    def __init__(self, status: int, message: str, code: str = "",
+                 retry_after: int | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.retry_after = retry_after
+        self.headers = dict(headers or {})
+
+
+def error_document(api: str, status: int, message: str, code: str = "") -> dict[str, Any]:
+    """An error as the called API shapes it: Gemini {"error": {"code", "message", "status"}},
+    OpenAI {"error": {"message", "type", "code"}}."""
+    if api == "openai":
+        kind = OPENAI_ERROR_TYPES.get(status, "server_error" if status >= 500
+                                      else "invalid_request_error")
+        return {"error": {"message": message, "type": kind, "param": None,
+                          "code": code or GEMINI_STATUS.get(status, str(status)).lower()}}
+    return {"error": {"code": status, "message": message,
+                      "status": GEMINI_STATUS.get(status, "UNKNOWN")}}
+
+
+def retry_after_seconds(until: float | None, now: float | None = None) -> int | None:
+    """Retry-After for an earliest recovery at `until` (whole seconds, at least 1)."""
+    if until is None:
+        return None
+    return max(1, math.ceil(until - (time.time() if now is None else now)))
+
+
+def routing_error(exc: RouterError, headers: dict[str, str] | None = None) -> GatewayError:
+    """A route that ended without an answer, as an HTTP answer: nothing available is 429
+    when every blocker was a quota, else 503, with Retry-After when the recovery is known."""
+    message = str(exc)
+    if isinstance(exc, NothingAvailable):
+        return GatewayError(429 if exc.rate_limited else 503, message, "nothing_available",
+                            retry_after_seconds(exc.until), headers)
+    if isinstance(exc, UsageError):
+        return GatewayError(400, message, "invalid_request", headers=headers)
+    if isinstance(exc, ConfigError):
+        status = 502 if "is not a Gemini API" in message else 500
+        return GatewayError(status, message, "gateway_configuration", headers=headers)
+    if isinstance(exc, UpstreamError):
+        return GatewayError(400, message, "upstream_refused", headers=headers)
+    return GatewayError(503, message, "interrupted", headers=headers)
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _flowing(element: Any) -> bool:
+    """Whether a stream element carries content (text, thoughts or another part): once one
+    is sent to the client the call can no longer be retried elsewhere."""
+    if not isinstance(element, dict):
+        return False
+    for candidate in element.get("candidates") or []:
+        if isinstance(candidate, dict):
+            text, thoughts, other = _answer_parts(candidate)
+            if text or thoughts or other:
+                return True
+    return False
+
+
+def _stream_error(element: Any) -> dict[str, Any] | None:
+    return element["error"] if isinstance(element, dict) and \
+        isinstance(element.get("error"), dict) else None
+
+
+@dataclass
+class Forwarded:
+    """An upstream answer passed on as it came: status, body bytes, and routing headers."""
+    status: int
+    body: bytes
+    headers: dict[str, str]
+
+
+@dataclass
+class StreamFlow:
+    """One upstream stream of a run: what was read before committing to it, and the rest."""
+    key: ApiKey
+    model: str
+    response: Any
+    outcome: Outcome
+    began: float
+    chunks: Any = None                  # the rest of the body, as it arrives
+    reader: JsonArrayReader = field(default_factory=JsonArrayReader)
+    buffered: list[Any] = field(default_factory=list)
+    done: bool = False                  # the whole stream arrived before any content
+    error: dict[str, Any] | None = None  # an {"error"} element that came before any content
+
+
+class GeminiArrayFramer:
+    """A stream as Gemini sends it by default: one JSON array, an element at a time."""
+    media_type = "application/json"
+
+    def __init__(self) -> None:
+        self.first = True
+
+    def start(self) -> bytes:
+        return b"["
+
+    def element(self, element: dict[str, Any]) -> bytes:
+        lead, self.first = (b"" if self.first else b"\n,\r\n"), False
+        return lead + _dumps(element)
+
+    def error(self, error: dict[str, Any]) -> bytes:
+        return self.element({"error": error})
+
+    def end(self, failed: bool) -> bytes:
+        return b"]" if self.first else b"\n]"
+
+
+class GeminiSseFramer:
+    """A stream as Gemini sends it with ?alt=sse: one `data:` event per element (an error
+    too, as the real API and the google-genai SDK read it)."""
+    media_type = "text/event-stream"
+
+    def start(self) -> bytes:
+        return b""
+
+    def element(self, element: dict[str, Any]) -> bytes:
+        return b"data: " + _dumps(element) + b"\r\n\r\n"
+
+    def error(self, error: dict[str, Any]) -> bytes:
+        return self.element({"error": error})
+
+    def end(self, failed: bool) -> bytes:
+        return b""
+
+
+class OpenAIFramer:
+    """A stream as OpenAI sends it: chat.completion.chunk events, then `data: [DONE]`."""
+    media_type = "text/event-stream"
+
+    def __init__(self, chunker: OpenAIChunker):
+        self.chunker = chunker
+
+    def start(self) -> bytes:
+        return b""
+
+    def element(self, element: dict[str, Any]) -> bytes:
+        return b"".join(b"data: " + _dumps(c) + b"\n\n" for c in self.chunker.chunks(element))
+
+    def error(self, error: dict[str, Any]) -> bytes:
+        doc = error_document("openai", int(error.get("code") or 500),
+                             str(error.get("message", "")), str(error.get("status", "")).lower())
+        return b"data: " + _dumps(doc) + b"\n\n"
+
+    def end(self, failed: bool) -> bytes:
+        tail = [] if failed else self.chunker.final()
+        return b"".join(b"data: " + _dumps(c) + b"\n\n" for c in tail) + b"data: [DONE]\n\n"
+
+
+class _Relayed:
+    """An `Output` for a route run on behalf of `route` in another process: its -v lines
+    and notes are sent back there, to be printed by that process's own Output."""
+
+    def __init__(self, verbose: bool, sink: Callable[[str, str], None]):
+        self.verbose = verbose
+        self.sink = sink
+
+    def info(self, message: str) -> None:
+        if self.verbose:
+            self.sink("info", message)
+
+    def note(self, message: str) -> None:
+        self.sink("note", message)
+
+    def live(self) -> bool:
+        return False
+
+    def attempt_started(self, model: str, key_label: str, timeout_s: float) -> None:
+        pass
+
+    def attempt_finished(self) -> None:
+        pass
+
+
+class GatewayMetrics:
+    """Prometheus metrics in a registry of the gateway's own (prometheus-client)."""
+
+    def __init__(self, gateway: Gateway):
+        from prometheus_client import (CollectorRegistry, Counter, Histogram,
+                                       disable_created_metrics)
+        disable_created_metrics()      # no *_created series: they only double the output
+        self.registry = CollectorRegistry()
+        self.requests = Counter("gemini_router_requests", "HTTP requests answered",
+                                ["api", "endpoint", "client", "status"], registry=self.registry)
+        self.attempts = Counter("gemini_router_attempts", "Upstream calls by outcome",
+                                ["model", "key", "client", "outcome"], registry=self.registry)
+        self.latency = Histogram("gemini_router_upstream_latency_seconds",
+                                 "Upstream call latency", ["model"], registry=self.registry,
+                                 buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.gateway = gateway
+        self.registry.register(self)
+
+    def describe(self) -> list[Any]:
+        return []            # collected on every scrape, from the state: nothing to pre-declare
+
+    def collect(self) -> Iterator[Any]:
+        """gemini_router_cooldowns_active{kind}: what keeps pairs from being called now."""
+        from prometheus_client.core import GaugeMetricFamily
+        gauge = GaugeMetricFamily("gemini_router_cooldowns_active",
+                                  "Active cooldowns and disabled keys, by kind", labels=["kind"])
+        router = self.gateway.router
+        with router.store.transaction(write=False) as tx:
+            entries = cooldown_entries(router.settings, tx.cooldowns, tx.router, time.time())
+        kinds: dict[str, int] = {}
+        for entry in entries:
+            kinds[entry.get("kind") or "other"] = kinds.get(entry.get("kind") or "other", 0) + 1
+        for kind in sorted(set(kinds) | {"rate_limited", "transient", "disabled"}):
+            gauge.add_metric([kind], kinds.get(kind, 0))
+        yield gauge
+
+    def attempts_of(self, attempts: list[Attempt], client: str) -> None:
+        for a in attempts:
+            self.attempts.labels(a.model, a.key, client, a.outcome).inc()
+            self.latency.labels(a.model).observe(a.latency_s)
+
+    def text(self) -> bytes:
+        from prometheus_client import generate_latest
+        return generate_latest(self.registry)
+
+
+class Gateway:
+    """The gateway's routing: one Router for every request, the upstream forwarding `call`s,
+    the status picture, client keys and the request log. Its methods are synchronous (they
+    run in worker threads); `build_app` puts HTTP around them."""
+
+    def __init__(self, settings: Settings, out: Output | None = None):
+        import threading
+        self.settings = settings
+        self.out = out or Output()
+        self.router = Router(settings, shared_rotation=False)
+        self.clients = dict(settings.client_keys)          # secret -> name
+        self.started = time.time()
+        self.served = 0
+        self._log_lock = threading.Lock()
+        self.metrics = GatewayMetrics(self)
+
+    def warm(self) -> None:
+        """Import the SDK's transport and set up the upstream session now: a connection pool
+        as large as the requests in flight, and the environment's proxy and CA settings for
+        the one endpoint it calls read once, not on every request (requests would scan the
+        whole environment twice per call)."""
+        import requests.adapters
+        import requests.utils
+        session = self.router.client.http
+        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=UPSTREAM_POOL)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        session.proxies.update(requests.utils.get_environ_proxies(self.settings.endpoint))
+        session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or \
+            os.environ.get("CURL_CA_BUNDLE") or True
+        session.trust_env = False
+
+    # --- clients and the log -------------------------------------------------------------
+
+    def authenticate(self, headers: Any, query: Any) -> str:
+        """The name of the client presenting a valid client key (Authorization: Bearer,
+        x-goog-api-key or ?key=); "local" when no client keys are configured (loopback).
+        A Google key is never accepted: it is not a client key."""
+        if not self.clients:
+            return "local"
+        import hmac
+        auth = headers.get("authorization") or ""
+        scheme, _, token = auth.partition(" ")
+        presented = [token.strip() if scheme.lower() == "bearer" else "",
+                     headers.get("x-goog-api-key") or "", query.get("key") or ""]
+        for value in (p for p in presented if p):
+            for secret, name in self.clients.items():
+                if hmac.compare_digest(value.encode(), secret.encode()):
+                    return name
+            raise GatewayError(401, "the client key presented is not valid for this gateway",
+                               "invalid_api_key")
+        raise GatewayError(401, "a client key is required: send it as 'Authorization: Bearer "
+                                "KEY', 'x-goog-api-key: KEY' or '?key=KEY'", "invalid_api_key")
+
+    def redacted(self, data: bytes) -> bytes:
+        """`data` with any configured Google key replaced by its label."""
+        for key in self.settings.keys:
+            secret = key.secret.encode()
+            if secret in data:
+                data = data.replace(secret, key.label.encode())
+        return data
+
+    def log(self, message: str) -> None:
+        """One line on stderr (the gateway's log), keys redacted."""
+        if self.out.quiet:
+            return
+        line = f"{PROG}: {time.strftime('%Y-%m-%dT%H:%M:%S')} {message}"
+        with self._log_lock:
+            sys.stderr.write(redact(line, self.settings.keys) + "\n")
+            sys.stderr.flush()
+
+    def served_request(self, api: str, endpoint: str, client: str, method: str, path: str,
+                       status: int, headers: Any, began: float) -> None:
+        """Count and log one answered request (its routing headers say where it went)."""
+        self.served += 1
+        self.metrics.requests.labels(api, endpoint, client, str(status)).inc()
+        model = headers.get("x-gemini-router-model") or "-"
+        key = headers.get("x-gemini-router-key") or "-"
+        attempts = headers.get("x-gemini-router-attempts") or "0"
+        self.log(f"{client} {method} {path} {status} {model} {key} attempts={attempts} "
+                 f"{(time.perf_counter() - began) * 1000:.1f} ms")
+
+    # --- plans ---------------------------------------------------------------------------
+
+    def plan(self, name: str, method: str) -> tuple[RoutePlan, list[dict[str, Any]]]:
+        """The candidates for a model name: a listed id pins that model (keys rotate);
+        auto, auto-fast, auto-quality and auto-balance route in that tier's order."""
+        try:
+            models = self.router.models()
+            wanted = bare_model(name.strip())
+            tier = AUTO_MODELS.get(wanted.lower())
+            if method in EMBED_METHODS:
+                entry = next((m for m in models if m["name"] == wanted), None)
+                if tier or entry is None:
+                    raise GatewayError(404, f"models/{wanted} is not found for {method}: name "
+                                            "an embedding model (GET /v1beta/models lists them)",
+                                       "model_not_found")
+                if "embedContent" not in entry["methods"]:
+                    raise GatewayError(400, f"models/{wanted} does not support {method}")
+                return self.router.plan(models, model=wanted), models
+            if tier:
+                return self.router.plan(models, tier=tier), models
+            if not any(m["name"] == wanted for m in models):
+                raise GatewayError(404, f"models/{wanted} is not found: GET /v1beta/models "
+                                        f"lists the models, and auto, auto-fast, auto-quality "
+                                        "and auto-balance route by tier", "model_not_found")
+            return self.router.plan(models, model=resolve_model(wanted, models)), models
+        except RouterError as exc:
+            raise routing_error(exc) from None
+
+    def route_headers(self, run: RouteRun) -> dict[str, str]:
+        headers = {"x-gemini-router-attempts": str(len(run.attempts))}
+        if run.model:
+            headers["x-gemini-router-model"] = run.model
+        if run.key is not None:
+            headers["x-gemini-router-key"] = run.key.label
+        return headers
+
+    def run(self, plan: RoutePlan, call: Callable[[ApiKey, str, float], Outcome],
+            client: str, models: list[dict[str, Any]] | None = None) -> RouteRun:
+        limits = {m["name"]: m.get("input_limit", 0) for m in models or []}
+        run = self.router.run(plan, call, input_limits=limits,
+                              deadline_at=time.monotonic() + self.settings.deadline)
+        self.metrics.attempts_of(run.attempts, client)
+        return run
+
+    # --- forwarding ----------------------------------------------------------------------
+
+    def forward(self, method: str, name: str, body: bytes, params: dict[str, str],
+                client: str) -> Forwarded:
+        """One non-streamed call (generateContent, countTokens, embedContent,
+        batchEmbedContents), failed over by the run loop; the client's body goes up and the
+        upstream's answer comes back unchanged."""
+        plan, models = self.plan(name, method)
+        upstream = self.router.client
+        last: dict[str, Any] = {}
+
+        def call(key: ApiKey, model: str, timeout: float) -> Outcome:
+            last.clear()
+            try:
+                response = upstream.raw(key, "POST", f"models/{model}:{method}", body=body,
+                                        params=params, timeout=timeout)
+            except Exception as exc:     # noqa: BLE001 - every failure is an outcome
+                return upstream.outcome_from_error(exc, timeout)
+            last["response"] = response
+            failure = upstream.outcome_of_response(response)
+            if failure is not None:
+                return failure
+            answer = _safe_json(response)
+            if method == "generateContent":
+                return outcome_from_body(answer)
+            if not isinstance(answer, dict):
+                return Outcome("transient", f"malformed {method} answer (not a JSON object)",
+                               status=200)
+            # Token counts and embeddings say nothing about how a model answers: deferred,
+            # and never recorded, so they leave no sample in the model's stats.
+            return Outcome("ok", status=200, deferred=True)
+        run = self.run(plan, call, client, models if method == "generateContent" else None)
+        return self.answer(run, last.get("response"))
+
+    def answer(self, run: RouteRun, response: Any) -> Forwarded:
+        """What the client gets for a finished run: the upstream's answer as it came (an
+        answer, a blocked prompt, a refused request), or the gateway's honest error."""
+        headers = self.route_headers(run)
+        try:
+            result_of(run, self.settings)
+        except UpstreamError as exc:
+            if response is None:
+                raise GatewayError(502, str(exc), "upstream_failed", headers=headers) from None
+            return Forwarded(response.status_code, self.redacted(response.content), headers)
+        except RouterError as exc:
+            raise routing_error(exc, headers) from None
+        return Forwarded(200, self.redacted(response.content), headers)
+
+    def open_stream(self, name: str, body: bytes, params: dict[str, str], framer: Any,
+                    client: str) -> tuple[dict[str, str], Iterator[bytes]] | Forwarded:
+        """Start a streamed call: failover happens here, before anything is sent. Returns
+        the routing headers and the body to stream, or a Forwarded refusal (an HTTP error
+        the upstream gave before streaming, passed on as it came)."""
+        plan, models = self.plan(name, "streamGenerateContent")
+        box: dict[str, Any] = {}
+
+        def call(key: ApiKey, model: str, timeout: float) -> Outcome:
+            box.clear()
+            flow = self.upstream_stream(key, model, body, params, timeout)
+            if isinstance(flow, Outcome):
+                return flow
+            box["flow"] = flow
+            return flow.outcome
+        run = self.run(plan, call, client, models)
+        flow: StreamFlow | None = box.get("flow")
+        headers = self.route_headers(run)
+        try:
+            result_of(run, self.settings)
+        except UpstreamError as exc:
+            if flow is not None and flow.error is not None:
+                code = flow.error.get("code")
+                raise GatewayError(code if isinstance(code, int) and 400 <= code < 600
+                                   else 502, redact(str(exc), self.settings.keys),
+                                   "upstream_refused", headers=headers) from None
+            if flow is None:
+                raise GatewayError(502, str(exc), "upstream_failed", headers=headers) from None
+            if not flow.done:
+                return Forwarded(flow.response.status_code,
+                                 self.redacted(flow.response.content), headers)
+        except RouterError as exc:
+            raise routing_error(exc, headers) from None
+        return headers, self.relay(flow, framer)
+
+    def upstream_stream(self, key: ApiKey, model: str, body: bytes, params: dict[str, str],
+                        timeout: float) -> StreamFlow | Outcome:
+        """Open the upstream stream and read it until it carries content or ends. Its
+        outcome is "ok" and deferred once content flows (the rest is relayed and recorded
+        later), else whatever the stream came to - a failure the run loop may route around."""
+        upstream = self.router.client
+        began = time.perf_counter()
+        try:
+            response = upstream.raw(key, "POST", f"models/{model}:streamGenerateContent",
+                                    body=body, params=params, timeout=timeout, stream=True)
+        except Exception as exc:     # noqa: BLE001
+            return upstream.outcome_from_error(exc, timeout)
+        flow = StreamFlow(key, model, response, Outcome("ok", status=200, deferred=True), began)
+        failure = upstream.outcome_of_response(response)
+        if failure is not None:
+            response.close()
+            flow.outcome = failure
+            return flow
+        flow.chunks = response.iter_content(chunk_size=None)
+        try:
+            for chunk in flow.chunks:
+                fresh = flow.reader.feed(chunk)
+                for element in fresh:
+                    error = _stream_error(element)
+                    if error is not None:
+                        response.close()
+                        flow.outcome, flow.error = self.stream_failure(error), error
+                        return flow
+                flow.buffered += fresh
+                if flow.reader.closed or any(_flowing(e) for e in fresh):
+                    break
+        except Exception as exc:     # noqa: BLE001
+            response.close()
+            return upstream.outcome_from_error(exc, timeout)
+        if not any(_flowing(e) for e in flow.buffered):
+            # The stream ended before any content (a blocked prompt, an empty answer, or
+            # cut off): classified whole, like any call, so the loop may still fail over.
+            response.close()
+            flow.done = True
+            if not flow.reader.closed or flow.reader.leftover:
+                flow.outcome = Outcome("transient", "stream cut off before its end", status=200)
+            else:
+                flow.outcome = outcome_from_body(
+                    merge_stream([e for e in flow.buffered if isinstance(e, dict)]),
+                    streamed=True)
+        return flow
+
+    def stream_failure(self, error: dict[str, Any]) -> Outcome:
+        """An {"error": ...} element inside a 200 stream, classified like an HTTP error."""
+        code = error.get("code")
+        outcome = classify_http(code if isinstance(code, int) and code >= 400 else 500,
+                                {"error": error})
+        outcome.detail = _one_line(redact(outcome.detail, self.settings.keys), 300)
+        return outcome
+
+    def relay(self, flow: StreamFlow, framer: Any) -> Iterator[bytes]:
+        """The stream's body for the client: what was read before committing, then the rest
+        as it arrives. A failure after the first byte ends the stream with an error element;
+        the call's final outcome is recorded when it ends (the run loop left it deferred)."""
+        elements = [e for e in flow.buffered if isinstance(e, dict)]
+        failure: Outcome | None = None
+        error: dict[str, Any] | None = None
+        upstream = self.router.client
+        try:
+            yield self.redacted(framer.start() + b"".join(framer.element(e) for e in elements))
+            if not flow.done:
+                try:
+                    for chunk in flow.chunks:
+                        for element in flow.reader.feed(chunk):
+                            error = _stream_error(element)
+                            if error is not None:
+                                failure = self.stream_failure(error)
+                                break
+                            if isinstance(element, dict):
+                                elements.append(element)
+                                yield self.redacted(framer.element(element))
+                        if failure is not None:
+                            break
+                    if failure is None and (not flow.reader.closed or flow.reader.leftover):
+                        failure = Outcome("transient", "stream cut off before its end")
+                except Exception as exc:     # noqa: BLE001 - the upstream broke mid-stream
+                    failure = upstream.outcome_from_error(exc)
+                if failure is not None:
+                    error = error or {"code": 503, "status": "UNAVAILABLE",
+                                      "message": f"the upstream stream broke after output "
+                                                 f"began: {failure.detail}"}
+                    yield self.redacted(framer.error(error))
+            yield framer.end(failure is not None)
+        finally:
+            # Also when the client went away (GeneratorExit): then nothing is recorded, as
+            # what arrived says nothing against the model.
+            flow.response.close()
+        if flow.done:
+            return            # the run loop recorded it: it was never deferred
+        final = failure or outcome_from_body(merge_stream(elements), streamed=True)
+        if failure is not None:
+            final.partial = True
+            final.detail = f"stream broke after output began: {final.detail}"
+        self.router.record(flow.key, flow.model, final, time.perf_counter() - flow.began)
+
+    # --- the model list ------------------------------------------------------------------
+
+    def model_entries(self) -> list[dict[str, Any]]:
+        """The models, Gemini-shaped, from the router's cached list (the list the gateway
+        routes over; refreshed after GEMINI_ROUTER_MODELS_TTL), without an upstream call."""
+        try:
+            models = self.router.models()
+        except RouterError as exc:
+            raise routing_error(exc) from None
+        return [gemini_model_entry(m) for m in models]
+
+    def models_page(self, page_size: str | None, page_token: str | None) -> dict[str, Any]:
+        """GET /v1beta/models: a page of the cached list (pageToken = the offset)."""
+        entries = self.model_entries()
+        try:
+            size = min(1000, max(1, int(page_size))) if page_size else 50
+            start = int(page_token) if page_token else 0
+        except ValueError:
+            raise GatewayError(400, "pageSize and pageToken must be whole numbers") from None
+        page: dict[str, Any] = {"models": entries[start:start + size]}
+        if start + size < len(entries):
+            page["nextPageToken"] = str(start + size)
+        return page
+
+    def model_entry(self, name: str) -> dict[str, Any]:
+        wanted = bare_model(name)
+        for entry in self.model_entries():
+            if entry["name"] == f"models/{wanted}":
+                return entry
+        raise GatewayError(404, f"models/{wanted} is not found", "model_not_found")
+
+    def openai_models(self) -> dict[str, Any]:
+        """GET /v1/models: the tier names, then the text models the gateway routes."""
+        try:
+            names = text_model_names(self.router.models())
+        except RouterError as exc:
+            raise routing_error(exc) from None
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "google"
+             if name not in AUTO_MODELS else PROG} for name in [*AUTO_MODELS, *names]]}
+
+    # --- route for the CLI (GEMINI_ROUTER_SERVER) ----------------------------------------
+
+    def route_for_cli(self, payload: Any, sink: Callable[[dict[str, Any]], None],
+                      client: str) -> None:
+        """POST /v1/router/route: the same Router.route a direct `route` makes, its -v lines,
+        notes and streamed text sent to `sink` as events, ending with {"result": ...} or
+        {"error": {"exit_code", "kind", "message", "until", "rate_limited"}}."""
+        router = self.router
+        try:
+            prompt, model, tier, stream, verbose, budget = cli_route_request(payload)
+            if budget:
+                router = Router(dataclasses_replace(self.settings, **budget),
+                                store=self.router.store, client=self.router.client,
+                                shared_rotation=False)
+            out = _Relayed(verbose, lambda level, message: sink({"log": [level, message]}))
+            on_text = (lambda piece: sink({"text": piece})) if stream else None
+            result = router.route(prompt, model=model, tier=tier, on_text=on_text, out=out)
+            self.metrics.attempts_of(result.attempts, client)
+            sink({"result": result.as_json()})
+        except RouterError as exc:
+            kind = next((k for cls, k in ERROR_KINDS.items() if isinstance(exc, cls)),
+                        "upstream")
+            sink({"error": {"exit_code": exc.exit_code, "kind": kind,
+                            "message": redact(str(exc), self.settings.keys),
+                            "until": getattr(exc, "until", None),
+                            "rate_limited": getattr(exc, "rate_limited", False)}})
+        finally:
+            if router is not self.router:
+                router.close()
+
+    # --- status --------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Keys x models: ok, cooling (until when, why) or disabled; tiers, latency and
+        success per model; the gateway itself. Fingerprints and labels only, no secret."""
+        s = self.settings
+        with self.router.store.transaction(write=False) as tx:
+            now = time.time()
+            view = StateView(s, tx.cooldowns, tx.router)
+            index = model_index(tx.router)
+            rows = compute_tiers(all_stats(tx.stats), index)
+            listing = tx.router.get("model_list") or {}
+            locked = tx.router.get("lock")
+        models = [m for m in rows if m in index and is_text_model(m, index[m]["methods"])]
+        grid: dict[str, dict[str, Any]] = {}
+        keys = []
+        for key in s.keys:
+            cells = {m: status_cell(view.block(key, m, now), now) for m in models}
+            grid[key.label] = cells
+            whole = view.block(key, None, now)
+            state = "disabled" if whole is not None and whole.until is None else \
+                "cooling" if whole is not None or any(c["state"] != "ok"
+                                                      for c in cells.values()) else "ok"
+            keys.append({"key": key.label, "fingerprint": key.fingerprint,
+                         "project": s.project_label(key), "state": state,
+                         "why": whole.reason if whole is not None else None})
+        tiers = {m: {"rank": r.rank, "fast": r.fast, "quality": r.quality,
+                     "balance": r.balance, "latency_p50_s": r.latency_p50_s,
+                     "success_rate": r.success_rate, "samples": r.samples,
+                     "measured": r.measured} for m, r in rows.items() if m in models}
+        store = self.router.store
+        return {"gateway": {"version": __version__, "started": round(self.started, 3),
+                            "uptime_s": round(now - self.started, 1), "requests": self.served,
+                            "clients": sorted(self.clients.values()) or None,
+                            "endpoint": s.endpoint, "lock": locked,
+                            "model_list_fetched": listing.get("fetched_at")},
+                "state": {"backend": type(store).__name__,
+                          "degraded": getattr(store, "degraded", None)},
+                "now": round(now, 3), "keys": keys, "models": models, "grid": grid,
+                "tiers": tiers}
+
+
+def dataclasses_replace(obj: Any, **changes: Any) -> Any:
+    import dataclasses
+    return dataclasses.replace(obj, **changes)
+
+
+def status_cell(block: Block | None, now: float) -> dict[str, Any]:
+    """One key x model cell of /status: ok, cooling (until, why) or disabled (why)."""
+    if block is None:
+        return {"state": "ok", "until": None, "remaining_s": None, "why": None, "kind": None}
+    state = "disabled" if block.until is None else "cooling"
+    why = block.reason[len("disabled: "):] if block.reason.startswith("disabled: ") \
+        else block.reason
+    return {"state": state, "until": None if block.until is None else round(block.until, 3),
+            "remaining_s": None if block.until is None else round(block.until - now, 1),
+            "why": why, "kind": block.kind, "soft": block.soft}
+
+
+def gemini_model_entry(model: dict[str, Any]) -> dict[str, Any]:
+    """A cached model-list entry in the shape of the API's Model resource."""
+    entry = {"name": f"models/{model['name']}", "version": model.get("version", ""),
+             "displayName": model.get("display_name", ""),
+             "inputTokenLimit": model["input_limit"], "outputTokenLimit": model["output_limit"],
+             "supportedGenerationMethods": list(model["methods"])}
+    if model.get("thinking"):
+        entry["thinking"] = True
+    return entry
+
+
+def cli_route_request(payload: Any) -> tuple[PromptRequest, str | None, str | None, bool, bool,
+                                              dict[str, Any]]:
+    """The JSON `route` sends to a gateway -> (prompt, model, tier, stream, verbose, budget
+    overrides). A malformed one is a usage error, as it would be on the command line."""
+    import base64
+    import binascii
+    if not isinstance(payload, dict) or not isinstance(payload.get("prompt"), str):
+        raise UsageError("the gateway needs a JSON object with a 'prompt' string")
+
+    def pick(name: str, kinds: Any, default: Any = None) -> Any:
+        value = payload.get(name, default)
+        if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)
+                                  and bool not in (kinds if isinstance(kinds, tuple)
+                                                   else (kinds,))):
+            raise UsageError(f"'{name}' has the wrong type in the request to the gateway")
+        return value
+    try:
+        attachments = [(str(mime), base64.b64decode(data, validate=True))
+                       for mime, data in pick("attachments", list, [])]
+    except (ValueError, TypeError, binascii.Error):
+        raise UsageError("'attachments' must be [mime, base64] pairs") from None
+    tier = pick("tier", str)
+    if tier is not None and tier not in TIER_NAMES:
+        raise UsageError(f"tier {tier!r} is not one of {', '.join(TIER_NAMES)}")
+    budget: dict[str, Any] = {}
+    for name, limit, field_name in (("max_attempts", "GEMINI_ROUTER_MAX_ATTEMPTS",
+                                     "max_attempts"),
+                                    ("deadline", "GEMINI_ROUTER_DEADLINE", "deadline"),
+                                    ("timeout", "GEMINI_ROUTER_TIMEOUT", "timeout")):
+        value = pick(name, (int, float))
+        if value is not None:
+            parsed, problem = LIMITS[limit].convert(str(value))
+            if problem:
+                raise UsageError(f"--{name.replace('_', '-')} {problem}")
+            budget[field_name] = int(parsed) if LIMITS[limit].integer else parsed
+    prompt = PromptRequest(text=payload["prompt"], system=pick("system", str),
+                           attachments=attachments, options=pick("options", dict, {}),
+                           schema=pick("schema", dict), wire_options=pick("wire_options", dict,
+                                                                           {}))
+    return (prompt, pick("model", str), tier, bool(pick("stream", bool, False)),
+            bool(pick("verbose", bool, False)), budget)
+
+
+STATUS_STYLE = """
+body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
+h1{font-size:1.3em;margin:0 0 .2em}h2{font-size:1.05em;margin:1.4em 0 .4em}
+p.meta{color:#666;margin:0}table{border-collapse:collapse;background:#fff}
+th,td{border:1px solid #ddd;padding:.3em .5em;vertical-align:top;text-align:left}
+th{background:#f0f0f0;font-weight:600}td.num{text-align:right}
+td.cell b{display:block}td.cell small{display:block;color:#555;max-width:22em;
+overflow-wrap:anywhere}
+td.ok{background:#e8f6e8}td.ok b{color:#1a6b1a}
+td.cooling{background:#fff4d6}td.cooling b{color:#8a5a00}
+td.disabled{background:#fbe3e3}td.disabled b{color:#a11}
+td.soft{background:#fffbe8}
+"""
+
+
+def status_page(status: dict[str, Any]) -> str:
+    """The HTML page of /status: a models x keys grid (ok / cooling until when, why /
+    disabled), the tiers with latency and success, and the gateway; self-contained, no
+    script or external asset, reloading itself every STATUS_REFRESH_S seconds."""
+    import html
+
+    def e(value: Any) -> str:
+        return html.escape("-" if value is None else str(value))
+    now = status["now"]
+    keys = [k["key"] for k in status["keys"]]
+    lines = ["<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
+             f'<meta http-equiv="refresh" content="{STATUS_REFRESH_S}">',
+             '<meta name="viewport" content="width=device-width, initial-scale=1">',
+             f"<title>{PROG} gateway</title><style>{STATUS_STYLE}</style></head><body>",
+             f"<h1>{PROG} gateway</h1>",
+             f'<p class="meta">{e(status["gateway"]["endpoint"])} &middot; '
+             f'{len(keys)} key(s), {len(status["models"])} text model(s) &middot; '
+             f'{status["gateway"]["requests"]} request(s) served &middot; updated '
+             f'{e(_when(now, now))}, reloads every {STATUS_REFRESH_S} s</p>']
+    degraded = status["state"].get("degraded")
+    if degraded:
+        lines.append(f'<p class="meta"><b>state backend degraded:</b> {e(degraded)}</p>')
+    if status["gateway"].get("lock"):
+        lines.append(f'<p class="meta">routing locked to {e(status["gateway"]["lock"])}</p>')
+    lines += ["<h2>Keys &times; models</h2>", '<table id="grid"><thead><tr><th>model</th>']
+    lines += [f"<th>{e(k['key'])}<br><small>{e(k['fingerprint'])} &middot; {e(k['project'])}"
+              f"</small></th>" for k in status["keys"]]
+    lines.append("</tr></thead><tbody>")
+    if not status["models"]:
+        lines.append(f'<tr><td colspan="{len(keys) + 1}">no model list yet: the first '
+                     "request lists the models</td></tr>")
+    for model in status["models"]:
+        lines.append(f"<tr><th>{e(model)}</th>")
+        for key in keys:
+            cell = status["grid"][key][model]
+            classes = f"cell {cell['state']}" + (" soft" if cell.get("soft") else "")
+            detail = ""
+            if cell["state"] == "cooling":
+                detail = (f"<small>until {e(_when(cell['until'], now))} "
+                          f"({e(_duration(cell['remaining_s']))} left)</small>")
+            if cell["why"]:
+                detail += f'<small class="why">{e(cell["why"])}</small>'
+            lines.append(f'<td class="{classes}" data-key="{e(key)}" data-model="{e(model)}" '
+                         f'title="{e(cell["why"] or cell["state"])}"><b>{cell["state"]}</b>'
+                         f"{detail}</td>")
+        lines.append("</tr>")
+    lines += ["</tbody></table>", "<h2>Tiers</h2>", '<table id="tiers"><thead><tr>'
+              "<th>#</th><th>model</th><th>fast</th><th>quality</th><th>balance</th>"
+              "<th>latency p50</th><th>success</th><th>samples</th></tr></thead><tbody>"]
+    for model, t in status["tiers"].items():
+        p50 = t["latency_p50_s"]
+        latency = "-" if p50 is None else f"{p50 * 1000:.0f} ms" if p50 < 1 else f"{p50:.2f} s"
+        success = "-" if t["success_rate"] is None else f"{t['success_rate'] * 100:.0f}%"
+        lines.append(f'<tr data-model="{e(model)}"><td class="num">{t["rank"]}</td>'
+                     f"<td>{e(model)}</td><td>{t['fast']}</td><td>{t['quality']}</td>"
+                     f"<td>{t['balance']}</td><td class=\"num\">{latency}</td>"
+                     f"<td class=\"num\">{success}</td><td class=\"num\">{t['samples']}</td>"
+                     "</tr>")
+    lines += ["</tbody></table>", '<p class="meta">JSON: <a href="status">/status</a> '
+              '&middot; metrics: <a href="metrics">/metrics</a> &middot; API docs: '
+              '<a href="docs">/docs</a></p>', "</body></html>"]
+    return "\n".join(lines)
+
+
+def gemini_query(query: Any, stream: bool) -> tuple[dict[str, str], bool]:
+    """(the client's query parameters to send upstream, whether it asked for SSE). Its
+    client key stays here; a stream is always read upstream as Gemini's JSON array."""
+    params = {k: v for k, v in query.items() if k != "key"}
+    sse = stream and "sse" in (params.get("alt"), params.get("$alt"))
+    if sse:
+        params = {k: v for k, v in params.items() if k not in ("alt", "$alt")}
+    return params, sse
+
+
+def build_app(gateway: Gateway) -> Any:
+    """The ASGI app: FastAPI routes over `gateway`, errors shaped like the called API."""
+    import anyio
+    import anyio.to_thread
+    from fastapi import FastAPI, Request
+    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+    from starlette.exceptions import HTTPException
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> Any:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = GATEWAY_THREADS
+        gateway.router.start_flusher()
+        try:
+            yield
+        finally:
+            await anyio.to_thread.run_sync(gateway.router.close)
+
+    app = FastAPI(title=f"{PROG} gateway", version=__version__, lifespan=lifespan,
+                  description="Gemini-native and OpenAI-compatible endpoints over one pool "
+                              "of Gemini API keys, routed by the best model and key available "
+                              "now. Client keys: Authorization: Bearer, x-goog-api-key or "
+                              "?key=.")
+
+    def api_of(path: str) -> str:
+        return "openai" if path.startswith("/v1/") else "gemini"
+
+    def typed(fn: Callable[..., Any]) -> Callable[..., Any]:
+        """FastAPI reads parameter types from annotations, which this module keeps as
+        strings (PEP 563) naming classes imported only here: resolve them here."""
+        names = {"Request": Request, "Response": Response, "str": str}
+        fn.__annotations__ = {k: names.get(v, v) for k, v in fn.__annotations__.items()}
+        return fn
+
+    def error_response(api: str, exc: GatewayError) -> Response:
+        headers = dict(exc.headers)
+        if exc.retry_after is not None:
+            headers["retry-after"] = str(exc.retry_after)
+        message = redact(str(exc), gateway.settings.keys)
+        return JSONResponse(error_document(api, exc.status, message, exc.code), exc.status,
+                            headers)
+
+    async def serve(request: Request, api: str, endpoint: str,
+                    work: Callable[[str], Any], public: bool = False) -> Response:
+        began, client = time.perf_counter(), "-"
+        try:
+            client = "-" if public else gateway.authenticate(request.headers,
+                                                             request.query_params)
+            response = await work(client)
+        except GatewayError as exc:
+            response = error_response(api, exc)
+        except Exception as exc:     # noqa: BLE001 - never a bare 500 or a traceback
+            gateway.log(f"internal error on {request.method} {request.url.path}: "
+                        f"{type(exc).__name__}: {_one_line(exc, 300)}")
+            response = error_response(api, GatewayError(
+                500, f"internal error in the gateway ({type(exc).__name__}); its log says "
+                     "more", "internal_error"))
+        gateway.served_request(api, endpoint, client, request.method, request.url.path,
+                               response.status_code, response.headers, began)
+        return response
+
+    def threaded(fn: Callable[..., Any], *args: Any) -> Any:
+        return anyio.to_thread.run_sync(functools.partial(fn, *args))
+
+    def streamed(result: Any, api: str, framer: Any) -> Response:
+        if isinstance(result, Forwarded):       # refused before the stream began
+            return forwarded_response(result, api)
+        headers, chunks = result
+        return StreamingResponse(chunks, media_type=framer.media_type, headers=headers)
+
+    def forwarded_response(fwd: Forwarded, api: str) -> Response:
+        if api == "gemini" or fwd.status == 200:
+            return Response(fwd.body, fwd.status, fwd.headers, media_type="application/json")
+        error = (_safe_loads(fwd.body) or {}).get("error") or {}
+        message = str(error.get("message") or f"upstream answered HTTP {fwd.status}")
+        code = str(error.get("status") or "").lower()
+        return JSONResponse(error_document(api, fwd.status, message, code), fwd.status,
+                            fwd.headers)
+
+    async def json_body(request: Request) -> Any:
+        try:
+            return json.loads(await request.body())
+        except ValueError:
+            raise GatewayError(400, "the request body is not valid JSON",
+                               "invalid_json") from None
+
+    @app.post("/v1beta/models/{target:path}", summary="Gemini: generateContent, "
+              "streamGenerateContent (?alt=sse), countTokens, embedContent, "
+              "batchEmbedContents")
+    @typed
+    async def gemini_call(target: str, request: Request) -> Response:
+        model, _, method = target.rpartition(":")
+
+        async def work(client: str) -> Response:
+            if method not in GEMINI_METHODS or not model:
+                raise GatewayError(404, f"Method not found: POST /v1beta/models/{target}")
+            body = await request.body()
+            params, sse = gemini_query(request.query_params, method == "streamGenerateContent")
+            if method == "streamGenerateContent":
+                framer = GeminiSseFramer() if sse else GeminiArrayFramer()
+                return streamed(await threaded(gateway.open_stream, model, body, params,
+                                               framer, client), "gemini", framer)
+            fwd = await threaded(gateway.forward, method, model, body, params, client)
+            return forwarded_response(fwd, "gemini")
+        return await serve(request, "gemini", method or "unknown", work)
+
+    @app.get("/v1beta/models", summary="Gemini: the model list (the router's cached list)")
+    @typed
+    async def gemini_models(request: Request) -> Response:
+        async def work(client: str) -> Response:
+            q = request.query_params
+            return JSONResponse(await threaded(gateway.models_page, q.get("pageSize"),
+                                               q.get("pageToken")))
+        return await serve(request, "gemini", "models", work)
+
+    @app.get("/v1beta/models/{model:path}", summary="Gemini: one model of the list")
+    @typed
+    async def gemini_model(model: str, request: Request) -> Response:
+        async def work(client: str) -> Response:
+            return JSONResponse(await threaded(gateway.model_entry, model))
+        return await serve(request, "gemini", "model", work)
+
+    @app.post("/v1/chat/completions", summary="OpenAI: chat completions (stream or not)")
+    @typed
+    async def chat_completions(request: Request) -> Response:
+        async def work(client: str) -> Response:
+            body = await json_body(request)
+            model, wanted = openai_request(body)
+            data = _dumps(wanted)
+            stream = body.get("stream") is True
+            created, ident = int(time.time()), f"chatcmpl-{os.urandom(12).hex()}"
+            if stream:
+                options = body.get("stream_options")
+                usage = isinstance(options, dict) and options.get("include_usage") is True
+                chunker = OpenAIChunker(model, ident, created, usage)
+                framer = OpenAIFramer(chunker)
+                result = await threaded(gateway.open_stream, model, data, {}, framer, client)
+                if not isinstance(result, Forwarded):
+                    chunker.model = result[0].get("x-gemini-router-model", model)
+                return streamed(result, "openai", framer)
+            fwd = await threaded(gateway.forward, "generateContent", model, data, {}, client)
+            if fwd.status != 200:
+                return forwarded_response(fwd, "openai")
+            answer = _safe_loads(fwd.body) or {}
+            used = fwd.headers.get("x-gemini-router-model", model)
+            return JSONResponse(openai_completion(answer, used, ident, created),
+                                headers=fwd.headers)
+        return await serve(request, "openai", "chat.completions", work)
+
+    @app.get("/v1/models", summary="OpenAI: the models (auto* route by tier)")
+    @typed
+    async def openai_models(request: Request) -> Response:
+        async def work(client: str) -> Response:
+            return JSONResponse(await threaded(gateway.openai_models))
+        return await serve(request, "openai", "models", work)
+
+    @app.post("/v1/router/route", summary="gemini-router route, forwarded (GEMINI_ROUTER_SERVER)")
+    @typed
+    async def cli_route(request: Request) -> Response:
+        async def work(client: str) -> Response:
+            payload = await json_body(request)
+            if isinstance(payload, dict) and payload.get("stream") is True:
+                return StreamingResponse(route_events(payload, client),
+                                         media_type="application/x-ndjson")
+            events: list[dict[str, Any]] = []
+            await threaded(gateway.route_for_cli, payload, events.append, client)
+            final = events[-1]
+            doc = {**final, "log": [e["log"] for e in events if "log" in e]}
+            error = final.get("error")
+            status = 200 if error is None else {1: 422, 2: 400, 3: 500}.get(
+                error["exit_code"], 429 if error.get("rate_limited") else 503)
+            headers = {} if error is None or error.get("until") is None else \
+                {"retry-after": str(retry_after_seconds(error["until"]))}
+            return Response(redact(json.dumps(doc), gateway.settings.keys), status, headers,
+                             media_type="application/json")
+        return await serve(request, "openai", "router.route", work)
+
+    def route_events(payload: Any, client: str) -> Iterator[bytes]:
+        """A streamed forwarded route: its events as JSON lines, as they happen."""
+        import queue
+        import threading
+        events: Any = queue.Queue()
+        worker = threading.Thread(target=gateway.route_for_cli, name="gemini-router-route",
+                                  args=(payload, events.put, client), daemon=True)
+        worker.start()
+        while True:
+            event = events.get()
+            yield redact(json.dumps(event), gateway.settings.keys).encode() + b"\n"
+            if "result" in event or "error" in event:
+                return
+
+    @app.get("/status", summary="keys x models: cooling, until, why; tiers; no secrets")
+    @typed
+    async def status(request: Request) -> Response:
+        async def work(client: str) -> Response:
+            doc = await threaded(gateway.status)
+            return Response(redact(json.dumps(doc), gateway.settings.keys),
+                            media_type="application/json")
+        return await serve(request, "gemini", "status", work)
+
+    @app.get("/", summary="the status page (HTML)", response_class=HTMLResponse)
+    @typed
+    async def page(request: Request) -> Response:
+        async def work(client: str) -> Response:
+            doc = await threaded(gateway.status)
+            return HTMLResponse(redact(status_page(doc), gateway.settings.keys))
+        return await serve(request, "gemini", "page", work)
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    @typed
+    async def metrics(request: Request) -> Response:
+        async def work(client: str) -> Response:
+            from prometheus_client import CONTENT_TYPE_LATEST
+            text = await threaded(gateway.metrics.text)
+            return Response(gateway.redacted(text), media_type=CONTENT_TYPE_LATEST)
+        return await serve(request, "gemini", "metrics", work)
+
+    @app.get("/healthz", summary="liveness")
+    @typed
+    async def healthz(request: Request) -> Response:
+        async def work(client: str) -> Response:
+            return JSONResponse({"status": "ok", "version": __version__})
+        return await serve(request, "gemini", "healthz", work, public=True)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: Any) -> Response:
+        api = api_of(request.url.path)
+        message = f"{exc.detail}: {request.method} {request.url.path}"
+        response = error_response(api, GatewayError(exc.status_code, message))
+        gateway.served_request(api, "unknown", "-", request.method, request.url.path,
+                               response.status_code, response.headers, time.perf_counter())
+        return response
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        gateway.log(f"internal error on {request.method} {request.url.path}: "
+                    f"{type(exc).__name__}: {_one_line(exc, 300)}")
+        return error_response(api_of(request.url.path), GatewayError(
+            500, f"internal error in the gateway ({type(exc).__name__})", "internal_error"))
+    return app
+
+
+def _safe_loads(data: bytes) -> Any:
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+# --------------------------------------------------------------------------------------
+# Gateway: OpenAI translation (pure functions: an OpenAI request -> a Gemini request, a
+# Gemini answer or stream element -> OpenAI's)
+# --------------------------------------------------------------------------------------
+
+# OpenAI request fields -> generationConfig (the first of two names for one field wins).
+OPENAI_CONFIG = (("temperature", "temperature", float), ("top_p", "topP", float),
+                 ("max_completion_tokens", "maxOutputTokens", int),
+                 ("max_tokens", "maxOutputTokens", int), ("n", "candidateCount", int),
+                 ("seed", "seed", int), ("presence_penalty", "presencePenalty", float),
+                 ("frequency_penalty", "frequencyPenalty", float))
+OPENAI_TOOL_CHOICE = {"auto": "AUTO", "none": "NONE", "required": "ANY"}
+
+
+def _bad(message: str) -> GatewayError:
+    return GatewayError(400, message, "invalid_request_error")
+
+
+def openai_request(body: Any) -> tuple[str, dict[str, Any]]:
+    """An OpenAI chat.completions request -> (model name, Gemini generateContent body)."""
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise _bad("'model' is required: a model id from GET /v1/models, or auto, auto-fast, "
+                   "auto-quality, auto-balance")
+    system, contents = openai_messages(body.get("messages"))
+    request: dict[str, Any] = {"contents": contents}
+    if system:
+        request["systemInstruction"] = {"parts": [{"text": "\n\n".join(system)}]}
+    config = openai_generation_config(body)
+    if config:
+        request["generationConfig"] = config
+    tools = openai_tools(body.get("tools"))
+    if tools:
+        request["tools"] = tools
+    choice = openai_tool_config(body.get("tool_choice"))
+    if choice:
+        request["toolConfig"] = choice
+    return model.strip(), request
+
+
+def openai_messages(messages: Any) -> tuple[list[str], list[dict[str, Any]]]:
+    """OpenAI messages -> (system texts, Gemini contents): user -> "user", assistant ->
+    "model" (tool_calls -> functionCall parts), tool -> "user" functionResponse parts."""
+    if not isinstance(messages, list) or not messages:
+        raise _bad("'messages' must be a non-empty list")
+    system: list[str] = []
+    contents: list[dict[str, Any]] = []
+    called: dict[str, str] = {}                     # tool_call_id -> function name
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise _bad(f"{where} must be an object")
+        role, content = message.get("role"), message.get("content")
+        if role in ("system", "developer"):
+            system.append(openai_text(content, where))
+        elif role == "user":
+            contents.append({"role": "user", "parts": openai_parts(content, where)})
+        elif role == "assistant":
+            parts = [{"text": text} for text in [openai_text(content, where)] if text]
+            for n, call in enumerate(message.get("tool_calls") or []):
+                name, args = openai_tool_call(call, f"{where}.tool_calls[{n}]")
+                called[str(call.get("id"))] = name
+                parts.append({"functionCall": {"name": name, "args": args}})
+            if parts:
+                contents.append({"role": "model", "parts": parts})
+        elif role in ("tool", "function"):
+            name = called.get(str(message.get("tool_call_id"))) or message.get("name")
+            if not isinstance(name, str) or not name:
+                raise _bad(f"{where}: a tool message must answer a tool_call_id of an "
+                           "earlier assistant message")
+            part = {"functionResponse": {"name": name,
+                                         "response": tool_response(openai_text(content,
+                                                                               where))}}
+            previous = contents[-1] if contents else None
+            if previous and previous["role"] == "user" and \
+                    all("functionResponse" in p for p in previous["parts"]):
+                previous["parts"].append(part)
+            else:
+                contents.append({"role": "user", "parts": [part]})
+        else:
+            raise _bad(f"{where}.role must be system, developer, user, assistant or tool, "
+                       f"got {role!r}")
+    if not contents:
+        raise _bad("'messages' hold no user message")
+    return system, contents
+
+
+def openai_text(content: Any, where: str) -> str:
+    """A message's text: a string, or the text parts of a list ("" for none)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content
+                       if isinstance(p, dict) and p.get("type") == "text"
+                       and isinstance(p.get("text"), str))
+    raise _bad(f"{where}.content must be a string or a list of parts")
+
+
+def openai_parts(content: Any, where: str) -> list[dict[str, Any]]:
+    """A user message's content -> Gemini parts: text, and images as data URLs."""
+    if isinstance(content, str):
+        return [{"text": content}]
+    if not isinstance(content, list) or not content:
+        raise _bad(f"{where}.content must be a string or a non-empty list of parts")
+    parts = []
+    for n, item in enumerate(content):
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind == "text" and isinstance(item.get("text"), str):
+            parts.append({"text": item["text"]})
+        elif kind == "image_url":
+            image = item.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            parts.append(data_url_part(url, f"{where}.content[{n}]"))
+        elif kind == "input_audio" and isinstance(item.get("input_audio"), dict):
+            audio = item["input_audio"]
+            parts.append({"inlineData": {"mimeType": f"audio/{audio.get('format', 'wav')}",
+                                         "data": str(audio.get("data", ""))}})
+        else:
+            raise _bad(f"{where}.content[{n}] must be a text, image_url or input_audio part")
+    return parts
+
+
+def data_url_part(url: Any, where: str) -> dict[str, Any]:
+    """data:<mime>;base64,<data> -> an inlineData part. Remote URLs are refused: the gateway
+    fetches nothing on a client's behalf."""
+    if not isinstance(url, str) or not url.startswith("data:"):
+        raise _bad(f"{where}: images must be data URLs (data:image/png;base64,...); the "
+                   "gateway does not fetch remote URLs")
+    head, sep, data = url[len("data:"):].partition(",")
+    mime, _, encoding = head.partition(";")
+    if not sep or encoding != "base64" or not mime:
+        raise _bad(f"{where}: a data URL must be data:<mime type>;base64,<data>")
+    return {"inlineData": {"mimeType": mime, "data": data}}
+
+
+def openai_tool_call(call: Any, where: str) -> tuple[str, dict[str, Any]]:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise _bad(f"{where} must be a function call with a name")
+    try:
+        args = json.loads(function.get("arguments") or "{}")
+    except (TypeError, ValueError):
+        raise _bad(f"{where}.function.arguments is not JSON") from None
+    return function["name"], args if isinstance(args, dict) else {"value": args}
+
+
+def tool_response(text: str) -> dict[str, Any]:
+    """A tool's answer as a functionResponse.response object."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {"content": text}
+    return value if isinstance(value, dict) else {"content": value}
+
+
+def openai_generation_config(body: dict[str, Any]) -> dict[str, Any]:
+    """temperature, top_p, max_tokens, n, seed, penalties, stop, response_format ->
+    generationConfig."""
+    config: dict[str, Any] = {}
+    for name, target, kind in OPENAI_CONFIG:
+        value = body.get(name)
+        if value is None or target in config:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                kind is int and not isinstance(value, int) or not math.isfinite(value):
+            raise _bad(f"'{name}' must be {'a whole number' if kind is int else 'a number'}")
+        config[target] = value
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        config["stopSequences"] = [stop]
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        config["stopSequences"] = stop
+    elif stop is not None:
+        raise _bad("'stop' must be a string or a list of strings")
+    form = body.get("response_format")
+    kind = form.get("type") if isinstance(form, dict) else None
+    if kind == "json_object":
+        config["responseMimeType"] = "application/json"
+    elif kind == "json_schema":
+        schema = (form.get("json_schema") or {}).get("schema") \
+            if isinstance(form.get("json_schema"), dict) else None
+        if not isinstance(schema, dict):
+            raise _bad("response_format json_schema needs json_schema.schema (an object)")
+        config.update(responseMimeType="application/json", responseJsonSchema=schema)
+    elif form is not None and kind != "text":
+        raise _bad("response_format.type must be text, json_object or json_schema")
+    return config
+
+
+def openai_tools(tools: Any) -> list[dict[str, Any]]:
+    """OpenAI function tools -> one Gemini tool of functionDeclarations (JSON Schema)."""
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        raise _bad("'tools' must be a list")
+    declarations = []
+    for n, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or \
+                not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise _bad(f"tools[{n}] must be a function tool with a name")
+        declaration = {"name": function["name"]}
+        if isinstance(function.get("description"), str):
+            declaration["description"] = function["description"]
+        if isinstance(function.get("parameters"), dict):
+            declaration["parametersJsonSchema"] = function["parameters"]
+        declarations.append(declaration)
+    return [{"functionDeclarations": declarations}] if declarations else []
+
+
+def openai_tool_config(choice: Any) -> dict[str, Any] | None:
+    """tool_choice -> toolConfig.functionCallingConfig (auto, none, required, one name)."""
+    if choice is None:
+        return None
+    if isinstance(choice, str) and choice in OPENAI_TOOL_CHOICE:
+        return {"functionCallingConfig": {"mode": OPENAI_TOOL_CHOICE[choice]}}
+    name = (choice.get("function") or {}).get("name") if isinstance(choice, dict) and \
+        isinstance(choice.get("function"), dict) else None
+    if not isinstance(name, str):
+        raise _bad("tool_choice must be auto, none, required or {\"type\": \"function\", "
+                   "\"function\": {\"name\": ...}}")
+    return {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": [name]}}
+
+
+def openai_finish_reason(finish: Any, tool_calls: bool) -> str | None:
+    """Gemini's finishReason -> OpenAI's: STOP -> stop (tool_calls when it called one),
+    MAX_TOKENS -> length, safety and recitation stops -> content_filter."""
+    name = enum_name(finish, FINISH_NAMES)
+    if not name:
+        return None
+    if name in BLOCKING_FINISH or name == "RECITATION":
+        return "content_filter"
+    if name == "MAX_TOKENS":
+        return "length"
+    return "tool_calls" if tool_calls else "stop"
+
+
+def openai_usage(usage: Any) -> dict[str, Any]:
+    """usageMetadata -> OpenAI usage (thinking counts as completion, as reasoning tokens)."""
+    usage = usage if isinstance(usage, dict) else {}
+    prompt, output = _int(usage.get("promptTokenCount")), _int(usage.get("candidatesTokenCount"))
+    thoughts = _int(usage.get("thoughtsTokenCount"))
+    return {"prompt_tokens": prompt, "completion_tokens": output + thoughts,
+            "total_tokens": _int(usage.get("totalTokenCount")) or prompt + output + thoughts,
+            "completion_tokens_details": {"reasoning_tokens": thoughts}}
+
+
+def openai_candidate(candidate: dict[str, Any], first_call: int = 0
+                     ) -> tuple[str, list[dict[str, Any]]]:
+    """(the answer text without thoughts, its function calls as OpenAI tool_calls)."""
+    content = candidate.get("content") if isinstance(candidate.get("content"), dict) else {}
+    text, calls = [], []
+    for part in content.get("parts") or []:
+        if not isinstance(part, dict):
+            continue
+        if isinstance(part.get("text"), str) and not part.get("thought"):
+            text.append(part["text"])
+        call = part.get("functionCall")
+        if isinstance(call, dict) and isinstance(call.get("name"), str):
+            calls.append({"index": first_call + len(calls),
+                          "id": str(call.get("id") or f"call_{os.urandom(8).hex()}"),
+                          "type": "function",
+                          "function": {"name": call["name"],
+                                       "arguments": json.dumps(call.get("args") or {})}})
+    return "".join(text), calls
+
+
+def openai_completion(answer: dict[str, Any], model: str, ident: str,
+                      created: int) -> dict[str, Any]:
+    """A Gemini generateContent answer -> an OpenAI chat.completion. A blocked prompt (no
+    candidates) is one empty choice with finish_reason "content_filter"."""
+    choices = []
+    for i, candidate in enumerate(c for c in answer.get("candidates") or []
+                                  if isinstance(c, dict)):
+        text, calls = openai_candidate(candidate)
+        message: dict[str, Any] = {"role": "assistant",
+                                   "content": text if text or not calls else None}
+        if calls:
+            message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"}
+                                     for c in calls]
+        choices.append({"index": candidate.get("index", i), "message": message,
+                        "finish_reason": openai_finish_reason(candidate.get("finishReason"),
+                                                              bool(calls)) or "stop",
+                        "logprobs": None})
+    if not choices:
+        choices = [{"index": 0, "message": {"role": "assistant", "content": None},
+                    "finish_reason": "content_filter", "logprobs": None}]
+    return {"id": ident, "object": "chat.completion", "created": created, "model": model,
+            "choices": choices, "usage": openai_usage(answer.get("usageMetadata"))}
+
+
+class OpenAIChunker:
+    """Gemini stream elements -> OpenAI chat.completion.chunk objects, one choice per
+    candidate: the role first, then content and tool_calls deltas, the finish reason, and
+    with stream_options.include_usage a last chunk carrying the usage."""
+
+    def __init__(self, model: str, ident: str, created: int, include_usage: bool = False):
+        self.model, self.ident, self.created = model, ident, created
+        self.include_usage = include_usage
+        self.started: set[int] = set()
+        self.calls: dict[int, int] = {}              # choice -> tool calls sent
+        self.usage: Any = None
+        self.blocked = False
+
+    def chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": self.ident, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model, "choices": choices}
+
+    def chunks(self, element: dict[str, Any]) -> list[dict[str, Any]]:
+        self.usage = element.get("usageMetadata") or self.usage
+        feedback = element.get("promptFeedback")
+        if isinstance(feedback, dict) and feedback.get("blockReason"):
+            self.blocked = True
+        out = []
+        for i, candidate in enumerate(c for c in element.get("candidates") or []
+                                      if isinstance(c, dict)):
+            index = candidate.get("index", i)
+            text, calls = openai_candidate(candidate, self.calls.get(index, 0))
+            delta: dict[str, Any] = {}
+            if index not in self.started:
+                self.started.add(index)
+                delta["role"] = "assistant"
+                delta["content"] = ""
+            if text:
+                delta["content"] = text
+            if calls:
+                delta["tool_calls"] = calls
+                self.calls[index] = self.calls.get(index, 0) + len(calls)
+            finish = openai_finish_reason(candidate.get("finishReason"),
+                                          bool(self.calls.get(index)))
+            if delta or finish:
+                out.append(self.chunk([{"index": index, "delta": delta, "finish_reason": finish,
+                                        "logprobs": None}]))
+        return out
+
+    def final(self) -> list[dict[str, Any]]:
+        out = []
+        if self.blocked and not self.started:
+            out.append(self.chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                    "finish_reason": "content_filter", "logprobs": None}]))
+        if self.include_usage:
+            out.append({**self.chunk([]), "usage": openai_usage(self.usage)})
+        return out
+
+
+# --------------------------------------------------------------------------------------
+# Gateway: `serve`, and `route` through a running gateway (GEMINI_ROUTER_SERVER)
+# --------------------------------------------------------------------------------------
+
+def serve_stack() -> Any:
+    """uvicorn, or a ConfigError saying how to install the `serve` extra."""
+    try:
+        import fastapi
+        import prometheus_client
+        import uvicorn
+    except ImportError as exc:
+        raise ConfigError(f"serve needs {exc.name or 'its server stack'}: "
+                          f"{SERVE_HINT}") from None
+    del fastapi, prometheus_client        # imported here only to say what is missing
+    return uvicorn
+
+
+def listen_socket(host: str, port: int) -> Any:
+    """A listening TCP socket on host:port (port 0: any free one), or a ConfigError."""
+    import socket
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except OSError as exc:
+        raise ConfigError(f"--host {host}: {exc.strerror or exc}") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    """Serve the gateway until SIGINT/SIGTERM: then stop accepting, let requests in flight
+    finish, write what is pending, and exit 0."""
+    settings.require_keys()
+    host, port = args.host.strip(), int(args.port)
+    if not settings.client_keys and not is_loopback(host):
+        raise ConfigError(f"refusing to serve on {host} without client keys: anyone who "
+                          "reaches it could spend your Gemini keys. Set "
+                          "GEMINI_ROUTER_CLIENT_KEYS='secret:name,...', or serve on "
+                          "127.0.0.1")
+    uvicorn = serve_stack()
+    sock = listen_socket(host, port)
+    gateway = Gateway(settings, out)
+    gateway.warm()
+    config = uvicorn.Config(build_app(gateway), log_level="warning", access_log=False,
+                            server_header=False, lifespan="on", timeout_keep_alive=30,
+                            timeout_graceful_shutdown=max(settings.deadline,
+                                                          settings.timeout) + 10)
+
+    class GracefulServer(uvicorn.Server):  # type: ignore[misc, valid-type]
+        """uvicorn, without re-raising the signal after its graceful stop: SIGINT and
+        SIGTERM end `serve` with exit 0 once the requests in flight are answered."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            import signal
+            import threading
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            handled = (signal.SIGINT, signal.SIGTERM)
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    tune_server_process()
+    bound = sock.getsockname()
+    shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+    clients = ", ".join(name for _, name in settings.client_keys)
+    out.note(f"serving on http://{shown}:{bound[1]} with {len(settings.keys)} key(s); "
+             + (f"clients: {clients}" if clients else "no client keys: loopback only")
+             + "; Ctrl-C stops")
+    GracefulServer(config).run(sockets=[sock])
+    out.note("stopped")
+    return 0
+
+
+def tune_server_process() -> None:
+    """Latency settings for a long-lived server process, after everything is imported:
+    the objects alive now (the SDK's modules, the app) leave the garbage collector's
+    sight, so a full collection no longer pauses every request in flight for tens of ms;
+    and threads hand over the interpreter every 1 ms instead of 5, so the event loop is
+    not kept waiting behind a worker thread."""
+    import gc
+    gc.collect()
+    gc.freeze()
+    sys.setswitchinterval(0.001)
+
+
+def gateway_route(args: argparse.Namespace) -> Callable[..., RouteResult]:
+    """`route_prompt`'s stand-in when GEMINI_ROUTER_SERVER is set: the same request, routed
+    by the running gateway. Only flags given on this command line override its budget."""
+    budget = {name: getattr(args, name, None) for name in ("max_attempts", "deadline")}
+    budget["timeout"] = getattr(args, "timeout", None)
+
+    def route(settings: Settings, store: Any, prompt: PromptRequest, *,
+              model: str | None = None, tier: str | None = None,
+              on_text: Callable[[str], None] | None = None,
+              out: Output | None = None) -> RouteResult:
+        return route_via_server(settings, prompt, model=model, tier=tier, on_text=on_text,
+                                out=out or Output(),
+                                budget={k: v for k, v in budget.items() if v is not None})
+    return route
+
+
+def route_via_server(settings: Settings, prompt: PromptRequest, *, model: str | None,
+                     tier: str | None, on_text: Callable[[str], None] | None, out: Output,
+                     budget: dict[str, Any]) -> RouteResult:
+    """Send one route to the gateway at settings.server (no SDK, no HTTP library: see
+    `post_to_gateway`) and return its result, or raise the error it reports, with the same
+    exit code and words as a direct route."""
+    import base64
+    payload = {"prompt": prompt.text, "system": prompt.system, "options": prompt.options,
+               "wire_options": prompt.wire_options, "schema": prompt.schema,
+               "attachments": [[mime, base64.b64encode(data).decode()]
+                               for mime, data in prompt.attachments],
+               "model": model, "tier": tier, "stream": on_text is not None,
+               "verbose": out.verbose, **budget}
+    headers = {"content-type": "application/json", "accept": "application/json"}
+    if settings.client_key:
+        if not all(32 <= ord(ch) < 127 for ch in settings.client_key):
+            raise ConfigError("GEMINI_ROUTER_CLIENT_KEY holds characters a header cannot carry")
+        headers["authorization"] = f"Bearer {settings.client_key}"
+    wait = budget.get("deadline", settings.deadline) + budget.get("timeout", settings.timeout)
+    try:
+        answer = post_to_gateway(settings.server, "/v1/router/route",
+                                 json.dumps(payload).encode(), headers, wait)
+    except OSError as exc:
+        raise NothingAvailable(f"cannot reach the gateway {settings.server} "
+                               f"(GEMINI_ROUTER_SERVER): {exc.strerror or exc}") from None
+    with answer:
+        kind = answer.headers.get("content-type", "")
+        if answer.status == 401:
+            raise ConfigError(f"the gateway {settings.server} refused the client key: set "
+                              "GEMINI_ROUTER_CLIENT_KEY to one of its GEMINI_ROUTER_CLIENT_KEYS "
+                              "secrets")
+        if not kind.startswith(("application/json", "application/x-ndjson")):
+            raise ConfigError(f"{settings.server} is not a {PROG} gateway: HTTP "
+                              f"{answer.status} with a {kind.split(';')[0] or 'untyped'} body")
+        try:
+            # A streamed route sends its events as JSON lines, a plain one a single document.
+            lines = answer.lines() if kind.startswith("application/x-ndjson") \
+                else [answer.read()]
+            for line in lines:
+                event = _safe_loads(line)
+                if event is None:
+                    break
+                for level, message in gateway_log_lines(event):
+                    (out.info if level == "info" else out.note)(message)
+                if "text" in event and on_text is not None:
+                    on_text(event["text"])
+                if "result" in event:
+                    data = event["result"]
+                    return RouteResult(**{**data, "attempts": [Attempt(**a)
+                                                               for a in data["attempts"]]})
+                if "error" in event:
+                    raise gateway_error_of(event["error"], settings.server)
+        except OSError as exc:
+            raise UpstreamError(f"the answer of the gateway {settings.server} broke off: "
+                                f"{exc.strerror or exc}") from None
+    raise UpstreamError(f"the gateway {settings.server} ended its answer without a result")
+
+
+class GatewayAnswer:
+    """An HTTP/1.1 response read off a socket: status, headers, and its body by lines or
+    whole (Content-Length, chunked, or until the connection closes)."""
+
+    def __init__(self, sock: Any, reader: Any):
+        self.sock, self.reader = sock, reader
+        status = reader.readline().split(None, 2)
+        if len(status) < 2 or not status[0].startswith(b"HTTP/") or not status[1].isdigit():
+            raise OSError("not an HTTP answer")
+        self.status = int(status[1])
+        self.headers: dict[str, str] = {}
+        while (line := reader.readline()) not in (b"\r\n", b"\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            self.headers[name.strip().lower()] = value.strip()
+
+    def __enter__(self) -> GatewayAnswer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.reader.close()
+        self.sock.close()
+
+    def pieces(self) -> Iterator[bytes]:
+        if self.headers.get("transfer-encoding", "").lower() == "chunked":
+            while size := int(self.reader.readline().split(b";")[0].strip() or b"0", 16):
+                data = self.reader.read(size)
+                if len(data) < size:
+                    raise OSError("the answer was cut off")
+                self.reader.readline()
+                yield data
+        elif "content-length" in self.headers:
+            yield self.reader.read(int(self.headers["content-length"]))
+        else:
+            yield self.reader.read()
+
+    def lines(self) -> Iterator[bytes]:
+        buffer = b""
+        for piece in self.pieces():
+            buffer += piece
+            *complete, buffer = buffer.split(b"\n")
+            yield from complete
+        if buffer:
+            yield buffer
+
+    def read(self) -> bytes:
+        return b"".join(self.pieces())
+
+
+def post_to_gateway(server: str, path: str, body: bytes, headers: dict[str, str],
+                    timeout: float) -> GatewayAnswer:
+    """POST to a gateway over a plain socket (TLS for https). Why not urllib: its imports
+    (http.client, email) cost a forwarded `route` more than the rest of its start-up, and
+    this one request to our own server needs none of what they offer."""
+    import socket
+    scheme, _, authority = server.partition("://")
+    if authority.startswith("["):
+        host, _, port = authority[1:].partition("]")
+        port = port.lstrip(":")
+    else:
+        host, _, port = authority.partition(":")
+    sock = socket.create_connection((host, int(port) if port else 443 if scheme == "https"
+                                     else 80), timeout=timeout)
+    try:
+        if scheme == "https":
+            import ssl
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+        head = [f"POST {path} HTTP/1.1", f"host: {authority}", f"content-length: {len(body)}",
+                "connection: close", *(f"{k}: {v}" for k, v in headers.items())]
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+        return GatewayAnswer(sock, sock.makefile("rb"))
+    except BaseException:
+        sock.close()
+        raise
+
+
+def gateway_log_lines(event: dict[str, Any]) -> list[tuple[str, str]]:
+    """The (level, message) lines of a gateway's route event: a streamed event carries one,
+    a whole answer all of them."""
+    log = event.get("log")
+    if not isinstance(log, list) or not log:
+        return []
+    lines = [log] if isinstance(log[0], str) else log
+    return [(str(line[0]), str(line[1])) for line in lines
+            if isinstance(line, list) and len(line) == 2]
+
+
+def gateway_error_of(error: Any, server: str) -> RouterError:
+    """The RouterError a gateway reported for a route, with its exit code and message."""
+    if not isinstance(error, dict) or "exit_code" not in error:
+        message = error.get("message") if isinstance(error, dict) else None
+        return ConfigError(f"{server} is not a {PROG} gateway: {message or 'unexpected answer'}")
+    code, message = error["exit_code"], str(error.get("message", ""))
+    if code == 4:
+        return NothingAvailable(message, error.get("until"), bool(error.get("rate_limited")))
+    cls = {1: UpstreamError, 2: UsageError, 3: ConfigError, 130: Interrupted}.get(code,
+                                                                                 UpstreamError)
+    return cls(message)
+
+
+# ======================================================================================
 # CLI
 # ======================================================================================
 
@@ -4501,6 +6270,8 @@ def read_attachment(path: str) -> tuple[str, bytes]:
 # --- command handlers -----------------------------------------------------------------
 
 def cmd_route(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    # With GEMINI_ROUTER_SERVER the gateway routes (see "Gateway"); the rest is the same.
+    route = gateway_route(args) if settings.server and not args.dry_run else route_prompt
     prompt, model = build_prompt(args)
     store = open_store(settings)
     if args.dry_run:
@@ -4521,8 +6292,8 @@ def cmd_route(args: argparse.Namespace, settings: Settings, out: Output) -> int:
             # Under --json the answer goes out in one document at the end, so there is
             # nothing to stream to the user.
             streaming = args.stream and not out.json_mode
-            result = route_prompt(settings, store, prompt, model=model, tier=args.tier,
-                                  on_text=on_text if streaming else None, out=out)
+            result = route(settings, store, prompt, model=model, tier=args.tier,
+                           on_text=on_text if streaming else None, out=out)
             break
         except UpstreamError:
             if streamed and not streamed[-1].endswith("\n"):
@@ -5424,6 +7195,12 @@ def build_parser() -> ArgumentParser:
                    "(- reads stdin)")
     p = command("cache", "the response cache of route --cache (and serve)", cmd_cache)
     p.add_argument("action", choices=("clear",), help="clear: remove every cached answer")
+    p = command("serve", "run the local gateway (Gemini-native and OpenAI-compatible "
+                         "HTTP over the same keys and routing) until SIGINT/SIGTERM", cmd_serve)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
+                   "127.0.0.1; any other needs GEMINI_ROUTER_CLIENT_KEYS)")
+    p.add_argument("--port", type=flag_type(Limit(DEFAULT_PORT, 0, 65535, True)),
+                   default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free one)")
     return parser
 
 

@@ -40,6 +40,15 @@ of this one (``--only overhead,cooling,fleet`` runs just these, about a minute):
    fleet at the same 20 ms per answer; 1000 routes on each, interleaved, on 4 threads.
    Targets: >= 99.9% answered, p95 within 1.2x of the healthy fleet's.
 
+Section 9 measures the gateway (``--only gateway``), three processes as they run for real:
+the simulator, ``gemini-router serve`` and this one sending load from plain threads
+(requests, keep-alive): the gateway's overhead over a direct call to the simulator (p50/p99,
+interleaved; 1 thread with the simulator at 5 ms, 32 threads with it at 100 ms so that 32
+requests are in flight without saturating the machine; targets p50 <= 2 ms, p99 <= 10 ms); its
+throughput at 32 threads against a zero-latency simulator (target >= 300 requests/s on 2
+cores); and a scripted ``route`` through it (GEMINI_ROUTER_SERVER) vs a direct ``route`` and
+``python -c pass`` (target: within 3x ``python -c pass`` plus the upstream latency, 50 ms).
+
 How the CLI is run: like the installed ``gemini-router`` console script. The working tree's
 ``gemini_router.py`` is copied into a temporary directory, byte-compiled there, and started
 through the same shim pip writes; ``python gemini_router.py`` (the source compiled on every
@@ -1140,6 +1149,226 @@ def section_fleet(setup: Setup, routes: int, threads: int) -> tuple[list[str], l
     return lines, figures
 
 
+# --- the gateway (issue 14) ------------------------------------------------------------------
+# Three processes, as they run for real: the simulator (tests/fake_gemini.py), the gateway
+# (`gemini-router serve`, installed-like copy) and this one sending the load from plain
+# threads, each with its own requests.Session (keep-alive). Direct calls to the simulator and
+# calls through the gateway are interleaved on every thread, so both see the same machine.
+
+# Threads sending at once -> the simulator's latency for that overhead figure. At 32 the
+# simulator is slower (as real answers are), so 32 requests are always in flight without
+# saturating 2 cores: what saturation costs is the throughput figure's business.
+GATEWAY_LEVELS = {1: 0.005, 32: 0.1}
+GATEWAY_P50_MS, GATEWAY_P99_MS = 2.0, 10.0
+GATEWAY_RPS = 300              # requests/s at 32 threads, zero-latency simulator, 2 cores
+ROUTE_LATENCY = 0.05           # the simulator's latency for the scripted route figures
+GATEWAY_MODEL = "gemini-2.5-flash"
+
+
+def start_simulator(latency: float) -> tuple[subprocess.Popen, str]:
+    """tests/fake_gemini.py as a process of its own; (process, url)."""
+    proc = subprocess.Popen([PY, str(TESTS / "fake_gemini.py"), "--port", "0", "--latency",
+                             str(latency)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    line = proc.stderr.readline()
+    if "listening on " not in line:
+        proc.kill()
+        raise SystemExit(f"the simulator did not start: {line}")
+    return proc, line.split("listening on ", 1)[1].split()[0]
+
+
+def start_gateway(setup: Setup, url: str, state: Path) -> tuple[subprocess.Popen, str, Path]:
+    """`gemini-router serve --port 0` (its log to a file); (process, url, log path)."""
+    log = setup.tmp / f"gateway-{state.name}.log"
+    env = setup.env(state, url)
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(setup.cli("serve", "--port", "0"), env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=sink)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        text = log.read_text()
+        if "serving on " in text:
+            return proc, text.split("serving on ", 1)[1].split()[0], log
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    raise SystemExit(f"the gateway did not start: {log.read_text()[-800:]}")
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    import signal
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def gateway_load(threads: int, per_thread: int, targets: list[tuple[str, str, dict]],
+                 body: bytes) -> tuple[dict[str, list[float]], float, int]:
+    """Each thread sends per_thread rounds, one request to every target per round (order
+    rotated each round); ({target: latencies}, wall seconds, failures)."""
+    import threading
+    import requests
+    times: dict[str, list[float]] = {name: [] for name, _, _ in targets}
+    failures = [0]
+    lock = threading.Lock()
+    barrier = threading.Barrier(threads + 1)
+
+    def work(n: int) -> None:
+        session = requests.Session()
+        own: dict[str, list[float]] = {name: [] for name, _, _ in targets}
+        bad = 0
+        session.post(targets[0][1], data=body, headers=targets[0][2], timeout=60)   # connect
+        barrier.wait()
+        for i in range(per_thread):
+            for name, url, headers in targets[(i + n) % len(targets):] + \
+                    targets[:(i + n) % len(targets)]:
+                t0 = time.perf_counter()
+                r = session.post(url, data=body, headers=headers, timeout=60)
+                own[name].append(time.perf_counter() - t0)
+                bad += r.status_code != 200
+        with lock:
+            for name, values in own.items():
+                times[name] += values
+            failures[0] += bad
+    workers = [threading.Thread(target=work, args=(n,)) for n in range(threads)]
+    for w in workers:
+        w.start()
+    barrier.wait()
+    began = time.perf_counter()
+    for w in workers:
+        w.join()
+    return times, time.perf_counter() - began, failures[0]
+
+
+def section_gateway(setup: Setup, requests_per_level: int, throughput_requests: int,
+                    runs: int) -> tuple[list[str], list[Figure]]:
+    """The gateway's overhead over a direct call (p50/p99 at 1 and 32 threads), its
+    throughput at 32 threads against a zero-latency simulator, and a scripted `route`
+    through it against a direct `route` and `python -c pass`."""
+    lines = ["== The gateway (gemini-router serve): overhead, throughput, scripted route =="]
+    figures: list[Figure] = []
+    body = json.dumps({"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}).encode()
+    path = f"/v1beta/models/{GATEWAY_MODEL}:generateContent"
+    headers = {"content-type": "application/json"}
+    procs: list[subprocess.Popen] = []
+    try:
+        # --- overhead -----------------------------------------------------------------
+        progress(f"gateway overhead: {requests_per_level} pairs per level, threads "
+                 f"{'/'.join(map(str, GATEWAY_LEVELS))} ...")
+        rows = []
+        for threads, latency in GATEWAY_LEVELS.items():
+            sim, sim_url = start_simulator(latency)
+            procs.append(sim)
+            gw, gw_url, _ = start_gateway(setup, sim_url, setup.tmp / f"state-gw-{threads}")
+            procs.append(gw)
+            targets = [("direct", sim_url + path, {**headers, "x-goog-api-key": KEYS[0]}),
+                       ("gateway", gw_url + path, headers)]
+            gateway_load(threads, 3, targets, body)                  # warm both
+            times, wall, bad = gateway_load(threads, max(1, requests_per_level // threads),
+                                            targets, body)
+            stop_process(gw)
+            stop_process(sim)
+            g, d = times["gateway"], times["direct"]
+            over50, over99 = pctl(g, 50) - pctl(d, 50), pctl(g, 99) - pctl(d, 99)
+            ok = bad == 0 and over50 * 1000 <= GATEWAY_P50_MS and over99 * 1000 <= GATEWAY_P99_MS
+            rows.append([str(threads), f"{latency * 1000:.0f} ms", str(len(g)),
+                         fmt_ms2(pctl(d, 50)), fmt_ms2(pctl(g, 50)),
+                         fmt_ms2(over50), fmt_ms2(pctl(d, 99)), fmt_ms2(pctl(g, 99)),
+                         fmt_ms2(over99), str(bad), "pass" if ok else "FAIL"])
+            figures.append(Figure(f"gateway overhead, {threads} thread(s) (p50 / p99)",
+                                  f"{fmt_ms2(over50)} / {fmt_ms2(over99)}",
+                                  f"p50 <= {GATEWAY_P50_MS:g} ms / p99 <= {GATEWAY_P99_MS:g} ms",
+                                  ok))
+        lines.extend(table_lines(["threads", "simulator", "pairs", "direct p50", "gateway p50",
+                                  "over p50", "direct p99", "gateway p99", "over p99", "failed",
+                                  "verdict"], rows, right=set(range(1, 10))))
+        lines.append(f"POST {path} (a pinned model); over = gateway percentile minus the same "
+                     "percentile of the direct call, the two interleaved on the same threads; "
+                     "at 32 threads the simulator answers in 100 ms, so 32 requests are in "
+                     "flight without saturating the machine")
+
+        # --- throughput ---------------------------------------------------------------
+        progress(f"gateway throughput: {throughput_requests} requests on 32 threads, "
+                 "zero-latency simulator ...")
+        sim, sim_url = start_simulator(0.0)
+        procs.append(sim)
+        gw, gw_url, _ = start_gateway(setup, sim_url, setup.tmp / "state-throughput")
+        procs.append(gw)
+        through = [("gateway", gw_url + path, headers)]
+        gateway_load(8, 20, through, body)
+        times, wall, bad = gateway_load(32, max(1, throughput_requests // 32), through, body)
+        rate = len(times["gateway"]) / wall
+        direct_times, direct_wall, _ = gateway_load(
+            32, max(1, throughput_requests // 32),
+            [("direct", sim_url + path, {**headers, "x-goog-api-key": KEYS[0]})], body)
+        direct_rate = len(direct_times["direct"]) / direct_wall
+        ok = bad == 0 and rate >= GATEWAY_RPS
+        figures.append(Figure("gateway throughput, 32 threads, zero-latency simulator",
+                              f"{rate:.0f} requests/s", f">= {GATEWAY_RPS}/s", ok))
+        lines.append("")
+        lines.append(f"throughput at 32 threads: {rate:.0f} requests/s through the gateway "
+                     f"({len(times['gateway'])} requests in {wall:.2f} s, {bad} failed); the "
+                     f"simulator alone answers {direct_rate:.0f}/s to the same load; "
+                     f"{os.cpu_count()} cores shared by the three processes")
+        stop_process(gw)
+        stop_process(sim)
+
+        # --- scripted route -------------------------------------------------------------
+        progress(f"scripted route through the gateway vs direct, simulator at "
+                 f"{ROUTE_LATENCY * 1000:.0f} ms, {runs} runs ...")
+        sim, sim_url = start_simulator(ROUTE_LATENCY)
+        procs.append(sim)
+        state = setup.tmp / "state-route-gw"
+        gw, gw_url, _ = start_gateway(setup, sim_url, state)
+        procs.append(gw)
+        direct_env = setup.env(setup.tmp / "state-route-direct", sim_url)
+        setup.run_cli(direct_env, "models")                       # cached list, as usual
+        via_env = setup.env(setup.tmp / "state-route-client", "http://127.0.0.1:9")
+        for name in [k for k in via_env if k.startswith("GEMINI_API_KEY")]:
+            del via_env[name]                                      # the client holds no key
+        via_env["GEMINI_ROUTER_SERVER"] = gw_url
+        subprocess.run(setup.cli("route", "warm"), env=via_env, capture_output=True)
+        cmds = [("python -c pass", [PY, "-c", "pass"], direct_env),
+                ("route (direct)", setup.cli("route", "hi"), direct_env),
+                ("route (through the gateway)", setup.cli("route", "hi"), via_env)]
+        samples: dict[str, list[float]] = {name: [] for name, _, _ in cmds}
+        for run in range(runs + 1):
+            for name, argv, env in cmds[run % 3:] + cmds[:run % 3]:
+                t0 = time.perf_counter()
+                proc = subprocess.run(argv, env=env, capture_output=True,
+                                      stdin=subprocess.DEVNULL)
+                if proc.returncode:
+                    raise SystemExit(f"{name} failed: {proc.stderr.decode()[-500:]}")
+                if run:
+                    samples[name].append(time.perf_counter() - t0)
+        base, direct, via = (median(samples[name]) for name, _, _ in cmds)
+        limit = 3 * base + ROUTE_LATENCY
+        figures.append(Figure("route through the gateway, whole process",
+                              f"{via * 1000:.0f} ms (direct {direct * 1000:.0f} ms, "
+                              f"python -c pass {base * 1000:.0f} ms)",
+                              f"<= 3x python -c pass + {ROUTE_LATENCY * 1000:.0f} ms "
+                              f"= {limit * 1000:.0f} ms", via <= limit))
+        lines.append("")
+        lines.extend(table_lines(["command", "median", "spread", "vs python -c pass"],
+                                 [[name, fmt_ms2(median(samples[name])),
+                                   spread(samples[name]),
+                                   f"{median(samples[name]) / base:.2f}x"]
+                                  for name, _, _ in cmds], right={1, 3}))
+        lines.append(f"simulator at {ROUTE_LATENCY * 1000:.0f} ms; medians of {runs} "
+                     "interleaved runs; the forwarding route imports neither the SDK nor an "
+                     "HTTP library (a plain socket to the gateway)")
+    finally:
+        for proc in procs:
+            stop_process(proc)
+    return lines, figures
+
+
 def table_lines(headers: list[str], rows: list[list[str]], right: set[int] = frozenset()
                 ) -> list[str]:
     """print_table's output as lines."""
@@ -1164,6 +1393,11 @@ def run_core(setup: Setup, sections: set[str], args: argparse.Namespace) -> int:
         figures += figs
     if "fleet" in sections:
         lines, figs = section_fleet(setup, args.fleet_routes, args.fleet_threads)
+        reports.append(lines)
+        figures += figs
+    if "gateway" in sections:
+        lines, figs = section_gateway(setup, args.gateway_requests, args.gateway_throughput,
+                                      args.gateway_runs)
         reports.append(lines)
         figures += figs
     for lines in reports:
@@ -1223,7 +1457,8 @@ def machine_header(runs: int) -> list[str]:
 SECTIONS = {"speed": "sections 1-5: the CLI side by side with its baselines",
             "overhead": "section 6: Router overhead over a plain SDK call, 1/8/32 threads",
             "cooling": "section 7: a route's CPU time, 50 keys x 30 models all cooling",
-            "fleet": "section 8: the 30% fleet vs a healthy one"}
+            "fleet": "section 8: the 30% fleet vs a healthy one",
+            "gateway": "section 9: the gateway's overhead, throughput and a scripted route"}
 
 
 def sections_arg(text: str) -> set[str]:
@@ -1249,6 +1484,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fleet-routes", type=int, default=1000,
                     help="routes on each fleet in section 8 (default 1000)")
     ap.add_argument("--fleet-threads", type=int, default=4, help="threads in section 8")
+    ap.add_argument("--gateway-requests", type=int, default=1000,
+                    help="gateway + direct pairs per thread count in section 9")
+    ap.add_argument("--gateway-throughput", type=int, default=3200,
+                    help="requests of the throughput run in section 9")
+    ap.add_argument("--gateway-runs", type=int, default=15,
+                    help="runs of each scripted route command in section 9")
     ap.add_argument("--worker", nargs=2, metavar=("NAME", "PARAMS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:

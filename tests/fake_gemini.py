@@ -28,6 +28,9 @@ otherwise ignored except for ``pageSize``/``pageToken``; the key is read from th
 - ``POST /v1beta/models/{m}:streamGenerateContent`` -> the same answer as a streamed JSON array
   (see "Stream framing" below) in 2-3 elements; the last carries finishReason and usageMetadata.
 - ``POST /v1beta/models/{m}:countTokens``          -> ``{"totalTokens": N}``.
+- ``POST /v1beta/models/{m}:embedContent``         -> ``{"embedding": {"values": [...]}}``, and
+  ``:batchEmbedContents`` -> ``{"embeddings": [...]}`` (one per request): EMBEDDING_DIMENSION
+  numbers from the text's sha256, for models listing "embedContent".
 
 A model is known when it is in ``FakeGemini.models`` (``remove_model(name)`` takes one out:
 list, get and generate then 404 it); generate/stream need "generateContent" and count needs
@@ -101,6 +104,8 @@ recitation              200, finishReason RECITATION, no parts (``with_text=True
 image_safety            200, finishReason IMAGE_SAFETY (11), no parts
 unexpected_tool_call    200, finishReason UNEXPECTED_TOOL_CALL (12, newer than the protos), no
                         parts
+function_call           200, one part ``{"functionCall": {"name": <the first declared function>,
+                        "args": {"prompt": <the last user text>}}}``, finishReason STOP
 unknown_finish          200, the normal text with a finishReason unknown to the protos:
                         ``number`` (99) with enum-encoding=int, else ``name`` ("FUTURE_REASON")
 html502                 502 text/html "<html><body><h1>502 Bad Gateway</h1></body></html>"
@@ -170,8 +175,8 @@ the closing ``]``: google.api_core's rest_streaming parser rejects any byte afte
 
 Request log: every request (failing ones too) is appended to ``calls`` as soon as it is parsed
 (``status`` 0), and its ``status`` is filled in when the response line is sent. ``Call.body``
-is the parsed JSON request (so tests can see thinkingConfig or seed arrive), ``Call.project``
-the key's declared project. ``count(key=, model=, action=, project=)`` counts them.
+is the parsed JSON request (so tests can see thinkingConfig or seed arrive), ``Call.raw`` its
+bytes as received, ``Call.project`` the key's declared project. ``count(key=, model=, action=, project=)`` counts them.
 
 Standalone::
 
@@ -392,6 +397,7 @@ def make_models(n: int, prefix: str = "sim-model") -> list[dict]:
 _CONTENT_BEHAVIOURS = frozenset({
     "ok", "blocked", "unknown_block", "safety", "no_candidates", "empty_answer",
     "thinking_exhausted", "recitation", "image_safety", "unexpected_tool_call", "unknown_finish",
+    "function_call",
 })
 
 # 200 streams that fail; generate/count answer them like error500.
@@ -410,7 +416,12 @@ _STATUS_NAMES = {
 }
 
 _ACTION_METHOD = {"generate": "generateContent", "stream": "streamGenerateContent",
-                  "count": "countTokens"}
+                  "count": "countTokens", "embed": "embedContent",
+                  "batch_embed": "batchEmbedContents"}
+# The method a model must list for each action (batchEmbedContents rides on embedContent).
+_NEEDED_METHOD = {"count": "countTokens", "embed": "embedContent",
+                  "batch_embed": "embedContent"}
+EMBEDDING_DIMENSION = 8
 _VERB_ACTION = {v: k for k, v in _ACTION_METHOD.items()}
 
 _SERVICE = "generativelanguage.googleapis.com"
@@ -793,6 +804,24 @@ def _request_texts(body: dict) -> list[str]:
     return texts
 
 
+def _embedding(content: Any) -> dict:
+    """A fixed-size embedding of a content's text: EMBEDDING_DIMENSION numbers in [0, 1)
+    derived from its sha256, so equal texts embed equally."""
+    import hashlib
+    digest = hashlib.sha256(" ".join(_texts(content)).encode()).digest()
+    return {"values": [round(b / 256, 6) for b in digest[:EMBEDDING_DIMENSION]]}
+
+
+def _first_function(body: dict) -> str | None:
+    """The name of the first function the request declares (tools[].functionDeclarations)."""
+    for tool in body.get("tools") or []:
+        for declaration in (tool.get("functionDeclarations") or []) if isinstance(tool, dict) \
+                else []:
+            if isinstance(declaration, dict) and isinstance(declaration.get("name"), str):
+                return declaration["name"]
+    return None
+
+
 def _words(texts: list[str]) -> int:
     return sum(len(t.split()) for t in texts)
 
@@ -914,6 +943,7 @@ class Call:
     body: Any = None          # parsed JSON request body, or None
     query: str = ""           # raw query string
     project: str | None = None  # the key's declared project (None: the key is its own)
+    raw: bytes = b""          # the request body exactly as received
 
 
 @dataclass
@@ -1384,7 +1414,7 @@ class FakeGemini:
 
         project = self.project_of(key)
         call = Call(t=time.time(), method=h.command, path=split.path, key=key, model=model,
-                    action=action, body=body, query=split.query, project=project)
+                    action=action, body=body, query=split.query, project=project, raw=raw)
         with self._lock:
             self.calls.append(call)
 
@@ -1442,7 +1472,7 @@ class FakeGemini:
             else:
                 h.send_json(call, 200, entry)
             return
-        needed = "countTokens" if action == "count" else "generateContent"
+        needed = _NEEDED_METHOD.get(action, "generateContent")
         if entry is None or needed not in entry.get("supportedGenerationMethods", []):
             h.send_json(call, 404, _error(404, _not_found_msg(model, action)))
             return
@@ -1455,6 +1485,15 @@ class FakeGemini:
 
         if b == "empty200":
             h.send_raw(call, 200, b"", "application/json; charset=UTF-8")
+            return
+        if action == "embed":
+            h.send_json(call, 200, {"embedding": _embedding(body.get("content"))})
+            return
+        if action == "batch_embed":
+            requests = body.get("requests") if isinstance(body.get("requests"), list) else []
+            h.send_json(call, 200, {"embeddings": [
+                _embedding(r.get("content") if isinstance(r, dict) else None)
+                for r in requests]})
             return
         if action == "count":
             h.send_json(call, 200, {"totalTokens": _prompt_tokens(body)})
@@ -1502,6 +1541,15 @@ class FakeGemini:
             if b == "empty_answer":
                 cand = {"content": {"role": "model"}, **cand}
             return [{"candidates": [cand], "usageMetadata": prompt_usage, **common}]
+
+        if b == "function_call":
+            call = {"name": _first_function(body) or "unknown_function",
+                    "args": {"prompt": _last_user_text(body)}}
+            cand = {"content": {"parts": [{"functionCall": call}], "role": "model"},
+                    "finishReason": "STOP", "index": 0}
+            usage = {"promptTokenCount": p_tokens, "candidatesTokenCount": 1,
+                     "totalTokenCount": p_tokens + 1}
+            return [{"candidates": [cand], "usageMetadata": usage, **common}]
 
         cfg = _thinking_config(body) if entry.get("thinking") else None
         thoughts = _thoughts(cfg) if cfg is not None else 0
