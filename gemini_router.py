@@ -487,12 +487,14 @@ def _opt_str(value: Any) -> bool:
 def _sample_ok(s: Any) -> bool:
     return (isinstance(s, dict) and _is_time(s.get("t")) and isinstance(s.get("ok"), bool)
             and isinstance(s.get("kind"), str) and _is_num(s.get("latency", 0))
-            and _is_int(s.get("prompt_tokens", 0)) and _is_int(s.get("output_tokens", 0)))
+            and _is_int(s.get("prompt_tokens", 0)) and _is_int(s.get("output_tokens", 0))
+            and _opt_str(s.get("key")))
 
 
 def _cooldown_ok(e: Any) -> bool:
     return (isinstance(e, dict) and _is_time(e.get("until")) and isinstance(e.get("reason"), str)
             and _opt_str(e.get("model")) and _opt_str(e.get("key"))
+            and _opt_str(e.get("kind")) and _opt_str(e.get("scope")) and _opt_str(e.get("quota"))
             and _is_time(e.get("since", 0)))
 
 
@@ -830,14 +832,16 @@ class StateStore:
                            "(GEMINI_ROUTER_LOCK_TIMEOUT)")
 
     @contextlib.contextmanager
-    def listing_hold(self) -> Iterator[None]:
+    def listing_hold(self, wait: float | None = None) -> Iterator[None]:
         """A lock of its own around listing models, so processes starting together list
-        once. It is held across a network call, so it is never the state lock."""
+        once. It is held across a network call, so it is never the state lock. `wait`
+        bounds the wait for another lister (default: its timeout and the lock timeout)."""
         self.check_dirs(create=True)
         path = os.path.join(os.path.dirname(self.paths["router"]) or ".", "models.lock")
         lock = self._file_lock(path)
         try:
-            lock.acquire(timeout=self.settings.timeout + self.settings.lock_timeout)
+            lock.acquire(timeout=max(0.0, self.settings.timeout + self.settings.lock_timeout
+                                     if wait is None else wait))
         except OSError:
             yield          # a stuck lister must not stop this process from listing itself
             return
@@ -1182,11 +1186,12 @@ class RedisStateStore:
             target.update(json.loads(text))
 
     @contextlib.contextmanager
-    def listing_hold(self) -> Iterator[None]:
+    def listing_hold(self, wait: float | None = None) -> Iterator[None]:
         """As StateStore.listing_hold, across hosts: `<prefix>listing` with a TTL, so a
         lister that died frees it; a stuck one never stops this process from listing."""
-        wait = self.settings.timeout + self.settings.lock_timeout
-        token = self._guard(lambda r: self._acquire(self.listing_key, wait, wait), None)
+        ttl = self.settings.timeout + self.settings.lock_timeout
+        wait = ttl if wait is None else max(0.0, wait)
+        token = self._guard(lambda r: self._acquire(self.listing_key, ttl, wait), None)
         try:
             yield
         finally:
@@ -1763,6 +1768,7 @@ class Outcome:
     thought_tokens: int = 0
     partial: bool = False        # a stream failed after some of its text was printed
     limits: dict[str, int] = field(default_factory=dict)   # learned: {"rpm"|"rpd"|"tpm": N}
+    quota_id: str = ""           # the quotaId a 429 named (kept with its cooldowns)
     status: int = 0              # the HTTP status, when there was one
     body: Any = None             # the upstream's JSON answer or error, as received
     deferred: bool = False       # a stream still flowing to its client: its caller records
@@ -1907,15 +1913,15 @@ def _details(error: dict[str, Any], suffix: str) -> list[dict[str, Any]]:
             and str(d.get("@type", "")).endswith(suffix)]
 
 
-QUOTA_WINDOWS = (("InputTokens", "tpm", "input tokens per minute"),
-                 ("PerDay", "rpd", "requests per day"),
+# quotaId words -> the window it limits, first match wins (a per-day limit is per day,
+# whatever else its id says).
+QUOTA_WINDOWS = (("PerDay", "rpd", "requests per day"),
+                 ("InputTokens", "tpm", "input tokens per minute"),
                  ("PerMinute", "rpm", "requests per minute"))
 
 
 def _quota_window(quota_id: str) -> tuple[str, str]:
-    """('rpm'|'rpd'|'tpm', words) for a quotaId; per-day wins over per-minute tokens."""
-    if "PerDay" in quota_id:
-        return "rpd", "requests per day"
+    """('rpm'|'rpd'|'tpm', words) for a quotaId."""
     for marker, window, words in QUOTA_WINDOWS:
         if marker in quota_id:
             return window, words
@@ -1941,7 +1947,7 @@ def quota_outcome(error: dict[str, Any], message: str) -> Outcome | None:
     first = str(violations[0].get("quotaId", ""))
     if not limits and "limit: 0" in message or limits and not any(limits.values()):
         return Outcome("no_quota", f"no free-tier quota for this model on this project "
-                                   f"(limit: 0, {first})", limits={})
+                                   f"(limit: 0, {first})", quota_id=first)
     daily = [str(v.get("quotaId", "")) for v in violations
              if "PerDay" in str(v.get("quotaId", ""))]
     quota_id = daily[0] if daily else first
@@ -1950,10 +1956,10 @@ def quota_outcome(error: dict[str, Any], message: str) -> Outcome | None:
     if daily:
         return Outcome("daily_quota", f"daily quota spent: {limit} on this project "
                                       f"({quota_id}); resets at midnight Pacific",
-                       delay, limits=limits)
+                       delay, limits=limits, quota_id=quota_id)
     when = f"; retry in {_fmt_num(delay, 1)} s" if delay is not None else ""
     return Outcome("rate_limited", f"rate limited: {limit} on this project ({quota_id}){when}",
-                   delay, limits=limits)
+                   delay, limits=limits, quota_id=quota_id)
 
 
 def classify_http(status: int, body: Any, content_type: str = "") -> Outcome:
@@ -2347,7 +2353,12 @@ class GeminiClient:
 
     def outcome_from_error(self, exc: BaseException, timeout: float | None = None) -> Outcome:
         """Classify an exception from the SDK or HTTP layer, with a short, redacted detail."""
-        outcome = _classify_exception(exc, self.settings.timeout if timeout is None else timeout)
+        return self._shown(_classify_exception(
+            exc, self.settings.timeout if timeout is None else timeout))
+
+    def _shown(self, outcome: Outcome) -> Outcome:
+        """The outcome with its detail as a user reads it: redacted (before any cut, so no
+        piece of a key survives it), one line, naming the endpoint when it is no Gemini API."""
         outcome.detail = _one_line(redact(outcome.detail, self.settings.keys), 300)
         if outcome.kind == "not_gemini":
             outcome.detail = f"{self.settings.endpoint} is not a Gemini API: {outcome.detail}"
@@ -2374,12 +2385,8 @@ class GeminiClient:
             body = response.json()
         except ValueError:
             body = None
-        outcome = classify_http(response.status_code, body,
-                                response.headers.get("content-type", ""))
-        outcome.detail = _one_line(redact(outcome.detail, self.settings.keys), 300)
-        if outcome.kind == "not_gemini":
-            outcome.detail = f"{self.settings.endpoint} is not a Gemini API: {outcome.detail}"
-        return outcome
+        return self._shown(classify_http(response.status_code, body,
+                                         response.headers.get("content-type", "")))
 
     def list_models(self, key: ApiKey, timeout: float | None = None
                     ) -> list[dict[str, Any]] | Outcome:
@@ -2584,6 +2591,9 @@ class StateView:
                 self.cool[target] = entry
         self.disabled: dict[str, Any] = cooldowns["disabled_keys"]
         self._day: tuple[int, str] = (-1, "")
+        # Guesses this process made since its last batched write (Router.record): a pair
+        # that just failed transiently, seen at once by the process's other requests.
+        self.guesses: dict[tuple[str, str], Block] = {}
 
     def today(self, now: float) -> str:
         hour = int(now // 3600)      # the Pacific day changes on the hour
@@ -2613,7 +2623,15 @@ class StateView:
                 worst = Block(until, entry["reason"], entry.get("kind", ""), soft)
         if worst is not None and not worst.soft:
             return worst
+        guess = self.guesses.get((key.fingerprint, model)) if model is not None else None
+        if guess is not None and guess.until > now and worst is None:
+            worst = guess
         return (self.pace_block(key, model, now) if model is not None else None) or worst
+
+    def strikes(self, key: ApiKey, model: str, now: float, settings: Settings) -> int:
+        """Consecutive transient failures of the pair that still count (see `_strike`)."""
+        n, last = _strike_count(self.router["strikes"].get(f"{key.fingerprint}/{model}"))
+        return n if now - last <= 10 * settings.cooldown_secs else 0
 
     def limit(self, key: ApiKey, model: str) -> dict[str, Any] | None:
         return self.router["limits"].get(f"{self.settings.project_id(key)}/{model}")
@@ -2629,7 +2647,7 @@ class StateView:
         s, usage = self.settings, self.router["usage"]
         own = usage.get(f"{key.fingerprint}/{model}") or {}
         if s.rpm_limit:
-            minute = [t for t in own.get("minute", []) if t > now - 60]
+            minute = [t for t in own.get("minute", []) if now - 60 < t <= now]
             if len(minute) >= s.rpm_limit:
                 return Block(minute[-s.rpm_limit] + 60, f"GEMINI_ROUTER_RPM={s.rpm_limit} "
                              "reached", "ceiling")
@@ -2643,7 +2661,8 @@ class StateView:
         project = [usage.get(f"{k.fingerprint}/{model}") or {} for k in s.project_keys(key)]
         rpm = learned.get("rpm", 0)
         if rpm:
-            minute = sorted(t for u in project for t in u.get("minute", []) if t > now - 60)
+            minute = sorted(t for u in project for t in u.get("minute", [])
+                            if now - 60 < t <= now)   # a later stamp: the clock went back
             if len(minute) >= rpm:
                 return Block(minute[-rpm] + 60, f"paced under the learned limit of {rpm} "
                              "requests per minute for this project", "limit")
@@ -2658,7 +2677,7 @@ class StateView:
 
 def add_cooldown(cooldowns: dict[str, Any], model: str | None, fingerprint: str | None,
                  until: float, reason: str, kind: str, now: float,
-                 scope: str = "pair") -> float:
+                 scope: str = "pair", quota: str = "") -> float:
     """Cool a (key, model) target; never shortens a longer cooldown, and a guess (transient)
     never replaces a fact. Returns the end."""
     soft = kind == "transient"
@@ -2671,10 +2690,12 @@ def add_cooldown(cooldowns: dict[str, Any], model: str | None, fingerprint: str 
                 return entry["until"]
             entry.update(until=max(until, entry["until"]) if not soft else until,
                          reason=reason, kind=kind, since=now, scope=scope)
+            if quota:
+                entry["quota"] = quota
             return entry["until"]
     cooldowns["cooldowns"].append({"model": model, "key": fingerprint, "until": until,
                                    "reason": reason, "kind": kind, "since": now,
-                                   "scope": scope})
+                                   "scope": scope, **({"quota": quota} if quota else {})})
     return until
 
 
@@ -2692,7 +2713,7 @@ def count_call(router: dict[str, Any], settings: Settings, key: ApiKey, model: s
         usage.update(day=today, count=0)
     usage["count"] = usage.get("count", 0) + 1
     if minute_keep:
-        recent = [t for t in usage.get("minute", []) if t > now - 60] + [round(now, 3)]
+        recent = [t for t in usage.get("minute", []) if now - 60 < t <= now] + [round(now, 3)]
         usage["minute"] = recent[-minute_keep:]
     else:
         usage.pop("minute", None)
@@ -2742,10 +2763,6 @@ def record_outcome(tx: StateTransaction, settings: Settings, key: ApiKey, model:
         learned.update({w: v for w, v in outcome.limits.items() if v > 0}, learned=round(now))
     if rule.scope is None:
         return None
-    pair = f"{key.fingerprint}/{model}"
-    if outcome.answered:
-        router["strikes"].pop(pair, None)
-        return None
     if rule.scope in ("key", "project_keys"):
         return _disable(cooldowns, settings, key, outcome, now)
     if model is None and rule.length == "transient":
@@ -2764,7 +2781,7 @@ def record_outcome(tx: StateTransaction, settings: Settings, key: ApiKey, model:
         target_model = model if rule.scope == "project_model" else None
         for member in settings.project_keys(key):
             add_cooldown(cooldowns, target_model, member.fingerprint, until, outcome.detail,
-                         outcome.kind, now, "project")
+                         outcome.kind, now, "project", outcome.quota_id)
     return None
 
 
@@ -2794,7 +2811,7 @@ def _strike(tx: StateTransaction, settings: Settings, key: ApiKey, model: str,
         n = 0                     # an old failure says nothing about now
     n += 1
     strikes[pair] = {"n": n, "t": round(now, 3)}
-    length = min(settings.cooldown_secs, TRANSIENT_BASE_SECS * 2 ** (n - 1))
+    length = transient_length(settings, n)
     add_cooldown(tx.cooldowns, model, key.fingerprint, now + length,
                  f"{n} transient failure{'s' if n > 1 else ''} in a row on this key: "
                  f"{outcome.detail}", "transient", now)
@@ -2805,6 +2822,11 @@ def _strike(tx: StateTransaction, settings: Settings, key: ApiKey, model: str,
                      f"{len(failing)} keys failing on this model: {outcome.detail}",
                      "transient", now, "model")
     return None
+
+
+def transient_length(settings: Settings, strikes: int) -> float:
+    """A guess grows with repeated failure: 5 s, 10 s, 20 s ... up to COOLDOWN_SECS."""
+    return min(settings.cooldown_secs, TRANSIENT_BASE_SECS * 2 ** (strikes - 1))
 
 
 def clear_recovered(tx: StateTransaction, key: ApiKey, model: str) -> None:
@@ -3458,6 +3480,9 @@ def plan_route(tx: StateTransaction, models: list[dict[str, Any]], model: str | 
         notices = [f"locked to {locked}: --tier {tier} ignored ('{PROG} unlock' releases "
                    "it)"] if tier else []
         return RoutePlan([locked], f"locked to {locked} ('{PROG} unlock' to release)", notices)
+    if not text_models:
+        raise NothingAvailable(f"the model list has no text model ('{PROG} models --all' "
+                               "shows what it has)")
     rows = compute_tiers(all_stats(tx.stats), {m["name"]: m for m in models})
     tier = tier or "balance"
     order = tier_order(rows, tier, text_models)
@@ -3590,6 +3615,7 @@ class Router:
         self._rotation: int | None = None
         self._flusher: Any = None
         self._plans: dict[tuple[Any, ...], Any] = {}
+        self._guesses: dict[tuple[str, str], Block] = {}
 
     @property
     def client(self) -> GeminiClient:
@@ -3607,7 +3633,9 @@ class Router:
         stamp = (id(cooldowns), id(router))
         with self._lock:
             if self._view is None or self._view[0] != stamp:
-                self._view = (stamp, StateView(self.settings, cooldowns, router))
+                view = StateView(self.settings, cooldowns, router)
+                view.guesses = self._guesses
+                self._view = (stamp, view)
                 if self._rotation is None:
                     self._rotation = router["next_key"]
             return self._view[1]
@@ -3679,12 +3707,21 @@ class Router:
                                               or (model, None) in view.cool)
         with self._lock:
             self._pending.append((key, model or "", outcome, latency, now, counted))
+            if model and outcome.rule.length == "transient" and self._view is not None:
+                n = self._view[1].strikes(key, model, now, self.settings) + 1
+                self._guesses[key.fingerprint, model] = Block(
+                    now + transient_length(self.settings, n),
+                    f"{n} transient failure{'s' if n > 1 else ''} in a row on this key: "
+                    f"{outcome.detail}", "transient", soft=True)
+            elif model and outcome.answered:
+                self._guesses.pop((key.fingerprint, model), None)
         if immediate:
             self.flush()
 
     def _flush_into(self, tx: StateTransaction) -> list[str]:
         with self._lock:
             batch, self._pending = self._pending, []
+            self._guesses.clear()          # from now on the state itself holds them
         notices = []
         for key, model, outcome, latency, t, counted in batch:
             if model and not counted:
@@ -3747,7 +3784,8 @@ class Router:
             cached = self._cached_models()
             if cached is not None:
                 return cached
-        with self.store.listing_hold():
+        wait = None if deadline_at is None else deadline_at - time.monotonic()
+        with self.store.listing_hold(wait):
             if not refresh:
                 cached = self._cached_models()
                 if cached is not None:
@@ -3806,10 +3844,11 @@ class Router:
         summary = "; ".join(f"{k.label}: {o.detail}" for k, o in failures)
         raise NothingAvailable(f"could not list models: {summary}")
 
-    def check_model(self, key: ApiKey, model: str, out: Output | None = None) -> bool:
+    def check_model(self, key: ApiKey, model: str, out: Output | None = None,
+                    timeout: float | None = None) -> bool:
         """After a 404: ask the live list whether `model` still exists (one call). Gone: it
         leaves the cached list (the rest is kept). Listed: the 404 was this key's alone."""
-        entry = self.client.get_model(key, model)
+        entry = self.client.get_model(key, model, timeout)
         if isinstance(entry, Outcome) and entry.kind != "model_missing":
             return False            # the list could not say: the pair's short cooldown stands
         gone = isinstance(entry, Outcome)
@@ -3896,10 +3935,12 @@ class Router:
                 self.record(key, model, outcome, latency, counted)
             session.learn(model, key, outcome)
             last = (model, key, outcome, latency)
-            if outcome.kind == "model_missing" and calls < s.max_attempts:
+            left = s.deadline - (time.monotonic() - began)
+            if outcome.kind == "model_missing" and calls < s.max_attempts and left >= 0.05:
                 calls += 1
                 session.missing[model] = session.missing.get(model, 0) + 1
-                if not self.check_model(key, model, out) and session.missing[model] < 2:
+                if not self.check_model(key, model, out, min(s.timeout, left)) \
+                        and session.missing[model] < 2:
                     session.dropped.pop(model, None)   # listed: maybe only this key lacks it
             if session.ends(outcome):
                 break
@@ -4020,7 +4061,8 @@ def result_of(run: RouteRun, settings: Settings, out: Output | None = None) -> R
         if outcome.kind == "unreachable":
             raise NothingAvailable(f"cannot reach {settings.endpoint}: {outcome.detail}")
         raise _error_for(outcome, f"{run.model} {run.key.label}: ")
-    if outcome is not None and outcome.kind in ("thinking_exhausted", "empty", "model_cannot") \
+    if outcome is not None and outcome.kind in ("thinking_exhausted", "empty", "model_cannot",
+                                                "recitation") \
             and not run.session.earliest(time.time()):
         raise UpstreamError(f"{run.model} {run.key.label}: {outcome.detail}")
     raise nothing_available(run)
@@ -4255,6 +4297,7 @@ class StreamFlow:
     buffered: list[Any] = field(default_factory=list)
     done: bool = False                  # the whole stream arrived before any content
     error: dict[str, Any] | None = None  # an {"error"} element that came before any content
+    cache_key: str | None = None        # where its answer is kept, when the cache is on
 
 
 class GeminiArrayFramer:
@@ -4379,6 +4422,12 @@ class GatewayMetrics:
         for kind in sorted(set(kinds) | {"rate_limited", "transient", "disabled"}):
             gauge.add_metric([kind], kinds.get(kind, 0))
         yield gauge
+        from prometheus_client.core import CounterMetricFamily
+        cache = CounterMetricFamily("gemini_router_cache", "Response cache lookups and stores "
+                                    "(GEMINI_ROUTER_CACHE_TTL)", labels=["event"])
+        for event, n in sorted(router.store.cache.counters().items()):
+            cache.add_metric([event], n)
+        yield cache
 
     def attempts_of(self, attempts: list[Attempt], client: str) -> None:
         for a in attempts:
@@ -4523,6 +4572,10 @@ class Gateway:
         """One non-streamed call (generateContent, countTokens, embedContent,
         batchEmbedContents), failed over by the run loop; the client's body goes up and the
         upstream's answer comes back unchanged."""
+        cache_key = self.cache_key(name, body) if method == "generateContent" else None
+        hit = self.cache_hit(cache_key)
+        if hit is not None:
+            return Forwarded(200, self.redacted(_dumps(hit[0])), hit[1])
         plan, models = self.plan(name, method)
         upstream = self.router.client
         last: dict[str, Any] = {}
@@ -4548,7 +4601,42 @@ class Gateway:
             # and never recorded, so they leave no sample in the model's stats.
             return Outcome("ok", status=200, deferred=True)
         run = self.run(plan, call, client, models if method == "generateContent" else None)
-        return self.answer(run, last.get("response"))
+        answered = self.answer(run, last.get("response"))
+        if cache_key is not None:
+            answered.headers["x-gemini-router-cache"] = "miss"
+            if run.outcome is not None and run.outcome.kind == "ok":
+                self.cache_keep(cache_key, run.outcome.body, run.model, run.key)
+        return answered
+
+    # --- the response cache (GEMINI_ROUTER_CACHE_TTL) -----------------------------------
+
+    def cache_key(self, name: str, body: bytes) -> str | None:
+        """The key of a generateContent request's answer, or None when the cache is off. A
+        streamed request shares it, so a stream replays a cached answer and vice versa."""
+        if self.settings.cache_ttl <= 0:
+            return None
+        parsed = _safe_loads(body)
+        return None if not isinstance(parsed, dict) else \
+            request_cache_key(self.settings, "generateContent", bare_model(name), parsed)
+
+    def cache_hit(self, cache_key: str | None) -> tuple[dict[str, Any], dict[str, str]] | None:
+        """(the cached answer, its headers), or None: no upstream call for a repeat."""
+        value = self.router.store.cache.get(cache_key) if cache_key else None
+        if not isinstance(value, dict) or not isinstance(value.get("body"), dict):
+            return None
+        headers = {"x-gemini-router-cache": "hit", "x-gemini-router-attempts": "0",
+                   "x-gemini-router-model": str(value.get("model", ""))}
+        label = self.settings.label_of(value.get("key"))
+        if label:
+            headers["x-gemini-router-key"] = label
+        return value["body"], headers
+
+    def cache_keep(self, cache_key: str, body: Any, model: str | None,
+                   key: ApiKey | None) -> None:
+        if isinstance(body, dict):
+            self.router.store.cache.put(cache_key, {"body": body, "model": model, "key":
+                                                    key.fingerprint if key else None},
+                                        self.settings.cache_ttl)
 
     def answer(self, run: RouteRun, response: Any) -> Forwarded:
         """What the client gets for a finished run: the upstream's answer as it came (an
@@ -4569,6 +4657,12 @@ class Gateway:
         """Start a streamed call: failover happens here, before anything is sent. Returns
         the routing headers and the body to stream, or a Forwarded refusal (an HTTP error
         the upstream gave before streaming, passed on as it came)."""
+        cache_key = self.cache_key(name, body)
+        hit = self.cache_hit(cache_key)
+        if hit is not None:
+            answer, headers = hit
+            return headers, iter([self.redacted(framer.start() + framer.element(answer)),
+                                  framer.end(False)])
         plan, models = self.plan(name, "streamGenerateContent")
         box: dict[str, Any] = {}
 
@@ -4582,6 +4676,10 @@ class Gateway:
         run = self.run(plan, call, client, models)
         flow: StreamFlow | None = box.get("flow")
         headers = self.route_headers(run)
+        if cache_key is not None:
+            headers["x-gemini-router-cache"] = "miss"
+            if flow is not None:
+                flow.cache_key = cache_key
         try:
             result_of(run, self.settings)
         except UpstreamError as exc:
@@ -4698,6 +4796,8 @@ class Gateway:
             final.partial = True
             final.detail = f"stream broke after output began: {final.detail}"
         self.router.record(flow.key, flow.model, final, time.perf_counter() - flow.began)
+        if flow.cache_key is not None and final.kind == "ok":
+            self.cache_keep(flow.cache_key, final.body, flow.model, flow.key)
 
     # --- the model list ------------------------------------------------------------------
 
@@ -5904,6 +6004,11 @@ class Output:
         if not self.quiet:
             self._line(f"{PROG}: {message}")
 
+    def hint(self, message: str) -> None:
+        """Advice beside a human table (stderr, so a script reading stdout never gets it)."""
+        if not self.json_mode:
+            self.note(message)
+
     def emit(self, data: Any, human: Callable[[], str]) -> None:
         text = json.dumps(data, indent=2, sort_keys=True) if self.json_mode else human()
         if text:
@@ -6378,6 +6483,9 @@ def cmd_rank(args: argparse.Namespace, settings: Settings, out: Output) -> int:
         relisting = args.refresh or cached_model_list(tx.router, settings, time.time()) is None
     models = known_models(settings, store, refresh=args.refresh, out=out)
     names = text_model_names(models)
+    if not names:
+        raise NothingAvailable(f"the model list has no text model ('{PROG} models --all' "
+                               "shows what it has)")
     if args.models:
         patterns = [p.strip() for p in args.models.split(",") if p.strip()]
         names = [n for n in names if any(fnmatch.fnmatch(n, bare_model(p)) or bare_model(p) in n
@@ -6448,22 +6556,25 @@ def cmd_tiers(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     data = {r.model: {k: v for k, v in asdict(r).items() if k != "model"}
             for r in rows.values()}
     out.emit(data, lambda: tiers_table(list(rows.values()), args.scoring))
+    never = sum(1 for r in rows.values() if not r.samples)
+    if not rows:
+        out.hint(f"'{PROG} rank' lists and measures the models")
+    elif never:
+        out.hint(f"{never} model(s) not measured yet: '{PROG} rank' measures them")
     return 0
 
 
 def tiers_table(rows: list[TierRow], scoring: str) -> str:
     """The tiers, the metric behind each letter, and a legend (human output only)."""
     if not rows:
-        return f"no models known yet; run '{PROG} rank'"
+        return "no models known yet"
     table = format_table(
         ["RANK", "MODEL", "FAST", "QUALITY", "BALANCE", "P50", "N", "SUCCESS", "CAPABILITY",
          "SCORE", "NOTE"],
         [[r.rank, r.model, _letter(r.fast, r), r.quality, _letter(r.balance, r),
           _secs(r.latency_p50_s), r.latency_samples, _rate(r.success_rate, r.judged),
           r.capability, _fmt_num(r.balance_score, 2), tier_note(r)] for r in rows])
-    never = sum(1 for r in rows if not r.samples)
-    hint = f"\n\n{never} model(s) not measured yet: '{PROG} rank' measures them" if never else ""
-    return f"{table}{hint}\n\n{tiers_legend(scoring)}"
+    return f"{table}\n\n{tiers_legend(scoring)}"
 
 
 def _letter(letter: str, row: TierRow) -> str:
@@ -6526,7 +6637,7 @@ def cmd_stats(args: argparse.Namespace, settings: Settings, out: Output) -> int:
 
     def human() -> str:
         if not stats:
-            return f"no samples yet; run '{PROG} rank' or route a prompt"
+            return "no samples yet"
         table = format_table(
             ["MODEL", "SAMPLES", "SUCCESS", "P50", "P95", "IN TOK", "OUT TOK", "OUTCOMES"],
             [[s.model, s.samples, _rate(s.success_rate, s.judged), _secs(s.latency_p50_s),
@@ -6540,6 +6651,8 @@ def cmd_stats(args: argparse.Namespace, settings: Settings, out: Output) -> int:
                       f"model while another key did: {', '.join(excluded)}")
         return table
     out.emit(data, human)
+    if not stats:
+        out.hint(f"'{PROG} rank' measures the models; routes add samples too")
     return 0
 
 
@@ -6731,10 +6844,10 @@ def cmd_models(args: argparse.Namespace, settings: Settings, out: Output) -> int
             ["MODEL", "IN LIMIT", "OUT LIMIT", "PROBED", "STATUS"],
             [[name, d["input_limit"], d["output_limit"], "yes" if d["probed"] else "no",
               status(name, d)] for name, d in data.items()])
-        hidden = len(models) - len(shown)
-        return table + (f"\n\n{hidden} non-text models hidden (--all shows them)"
-                        if hidden else "")
+        return table
     out.emit(data, human)
+    if len(models) > len(shown):
+        out.hint(f"{len(models) - len(shown)} non-text models hidden (--all shows them)")
     return 0
 
 
@@ -6785,12 +6898,14 @@ def cmd_keys(args: argparse.Namespace, settings: Settings, out: Output) -> int:
               ", ".join(f"{lim['model']}: " + "/".join(
                   f"{lim[w]} {w}" for w in ("rpm", "rpd", "tpm") if lim.get(w))
                   for lim in d["limits"]) or "-", describe(d)] for d in data])
-        lines = [table]
-        lines += [f"hint: {d['key']} {d['sibling_hint']}" for d in data if d["sibling_hint"]]
-        lines += [f"{tag}: a key no longer configured still has cooldowns; "
-                  f"'{PROG} cooldowns --clear {tag}' removes them" for tag in orphans]
-        return "\n".join(lines)
+        return table
     out.emit({"keys": data, "unconfigured": orphans} if out.json_mode else data, human)
+    for d in data:
+        if d["sibling_hint"]:
+            out.hint(f"{d['key']} {d['sibling_hint']}")
+    for tag in orphans:
+        out.hint(f"{tag}: a key no longer configured still has cooldowns; "
+                 f"'{PROG} cooldowns --clear {tag}' removes them")
     return 0
 
 
@@ -6884,15 +6999,15 @@ def sibling_hints(settings: Settings, cooldowns: dict[str, Any]) -> dict[str, st
     each other are likely siblings: a hint for GEMINI_ROUTER_PROJECTS, never acted on."""
     hits: dict[tuple[str, str], list[tuple[float, ApiKey]]] = {}
     for e in cooldowns["cooldowns"]:
-        if "PerProject" in e.get("reason", "") and e.get("key") and e.get("model"):
+        if "PerProject" in (e.get("quota") or "") and e.get("key") and e.get("model"):
             key = next((k for k in settings.keys if k.fingerprint == e["key"]), None)
             if key is not None:
-                hits.setdefault((e["model"], e["reason"].split("(")[-1]), []).append(
-                    (float(e.get("until", 0)), key))
+                hits.setdefault((e["model"], e["quota"]), []).append(
+                    (float(e.get("since") or 0), key))
     hints: dict[str, str] = {}
     for found in hits.values():
-        for until, key in found:
-            twins = [k.label for u, k in found if k is not key and abs(u - until) < 5
+        for since, key in found:      # refused within the same minute: the same window
+            twins = [k.label for t, k in found if k is not key and abs(t - since) < 60
                      and k not in settings.project_keys(key)]
             if twins:
                 hints[key.label] = (f"may share a project with {', '.join(twins)} (they hit "

@@ -506,7 +506,7 @@ def test_cooldowns_table_and_json(run_main, fake):
     assert "rate" in limited[0]["reason"].lower()
     assert [(e["model"], e["key"], e["until"], e["remaining_s"]) for e in entries
             if e["until"] is None] == [(None, "key#3", None, None)]
-    table = run_main("cooldowns", keys=KEYS).out.splitlines()
+    table = run_main("cooldowns", keys=KEYS).out.split("\n\n")[0].splitlines()
     assert table[0].split()[:2] == ["MODEL", "KEY"]
     assert len(table) == 3
     assert any(DEFAULT_MODEL in line and "key#1" in line for line in table[1:])

@@ -871,7 +871,7 @@ def test_tiers_grades_quality_of_unprobed_models_and_marks_them_unmeasured(run_m
     assert sorted(lines) == sorted(TEXT_MODELS)
     for model in set(TEXT_MODELS) - probed:
         assert "unmeasured: never tried" in lines[model]
-    assert "4 model(s) not measured yet" in human.out
+    assert "4 model(s) not measured yet" in human.err             # a hint: stderr
 
 
 def test_tiers_human_table_explains_itself(run_main, fake):
