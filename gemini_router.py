@@ -605,6 +605,12 @@ def checked_doc(name: str, raw: bytes | str, where: str, noun: str, elsewhere: s
     return sanitized
 
 
+def _racy(sig: tuple[int, int, int] | None) -> bool:
+    """A file written in the last 50 ms: a second write in the same clock tick could keep
+    its size and mtime (and reuse an inode), so its signature alone proves nothing yet."""
+    return sig is not None and time.time_ns() - sig[2] < 50_000_000
+
+
 def _copy(doc: dict[str, Any]) -> dict[str, Any]:
     """A writer's own copy of a cached document (plain JSON: a round trip is the fastest)."""
     return json.loads(json.dumps(doc))
@@ -737,7 +743,7 @@ class StateStore:
         and no lock: the reservation path of a busy server touches nothing else."""
         sigs = {name: self._signature(path) for name, path in self.paths.items()}
         cached = self._snap
-        if cached is not None and cached[0] == sigs:
+        if cached is not None and cached[0] == sigs and not any(map(_racy, sigs.values())):
             return cached[1]
         with self.transaction(write=False) as tx:
             docs = {name: tx.doc(name) for name in self.paths}
@@ -870,7 +876,7 @@ class StateStore:
             self._cache.pop(name, None)
             return None, empty_doc(name)
         cached = self._cache.get(name)
-        if cached is not None and cached[0] == sig:
+        if cached is not None and cached[0] == sig and not _racy(sig):
             return cached[1], (cached[2] if not write else _copy(cached[2]))
         try:
             with open(path, "rb") as f:
@@ -879,6 +885,10 @@ class StateStore:
             return None, empty_doc(name)
         except OSError as exc:
             raise ConfigError(f"cannot read state file {path}: {exc.strerror or exc}") from None
+        if cached is not None and raw == cached[1].encode():
+            # Unchanged after all: keep the parsed objects (the router's caches key on them).
+            self._cache[name] = (sig, cached[1], cached[2])
+            return cached[1], (cached[2] if not write else _copy(cached[2]))
         text, doc = self._parse(name, raw, sig)
         if text is not None:
             self._cache[name] = (sig, text, doc)      # sanitized; shared by readers
@@ -1839,6 +1849,9 @@ MODEL_VERDICTS = {kind: rule.sample for kind, rule in OUTCOME_RULES.items()
 # Quota kinds: a route that ends with only these blocking it is "rate limited" (HTTP 429).
 QUOTA_KINDS = {"rate_limited", "daily_quota", "no_quota", "capacity", "credits", "ceiling",
                "limit"}
+# Calls refused before any work, which spend no quota: they do not count toward the pace.
+UNSPENT_KINDS = QUOTA_KINDS | {"billing", "location", "key_invalid", "key_refused",
+                               "project_refused", "unreachable", "not_gemini"}
 
 # Upstream errors, first match wins: (HTTP status, ErrorInfo reason, words in the message)
 # -> outcome kind. "*" as reason: any reason present; None: not looked at. 429s are read by
@@ -2719,6 +2732,19 @@ def count_call(router: dict[str, Any], settings: Settings, key: ApiKey, model: s
         usage.pop("minute", None)
 
 
+def uncount_call(router: dict[str, Any], key: ApiKey, model: str, t: float) -> None:
+    """Take back a call counted at its reservation that Google refused without spending
+    quota (see UNSPENT_KINDS)."""
+    usage = router["usage"].get(f"{key.fingerprint}/{model}")
+    if not usage:
+        return
+    usage["count"] = max(0, usage.get("count", 0) - 1)
+    minute = usage.get("minute", [])
+    earlier = [x for x in minute if x <= t + 1]
+    if earlier:
+        minute.remove(max(earlier))
+
+
 def minute_keep(router: dict[str, Any], settings: Settings, key: ApiKey, model: str) -> int:
     learned = router["limits"].get(f"{settings.project_id(key)}/{model}") or {}
     return max(settings.rpm_limit, learned.get("rpm", 0))
@@ -3556,7 +3582,7 @@ class RouteSession:
     def learn(self, model: str, key: ApiKey, outcome: Outcome) -> None:
         self.tried.add((model, key.index))
         route = outcome.rule.route
-        if outcome.kind == "transient":
+        if outcome.kind in ("transient", "empty"):
             self.transient[model] = self.transient.get(model, 0) + 1
         elif route == "next_model":
             self.dropped[model] = outcome.detail
@@ -3724,9 +3750,12 @@ class Router:
             self._guesses.clear()          # from now on the state itself holds them
         notices = []
         for key, model, outcome, latency, t, counted in batch:
-            if model and not counted:
+            spent = outcome.kind not in UNSPENT_KINDS
+            if model and not counted and spent:
                 count_call(tx.router, self.settings, key, model, t,
                            minute_keep(tx.router, self.settings, key, model))
+            elif model and counted and not spent:
+                uncount_call(tx.router, key, model, t)
             notice = record_outcome(tx, self.settings, key, model or None, outcome, latency, t)
             if model and outcome.answered:
                 clear_recovered(tx, key, model)

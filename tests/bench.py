@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Speed benchmark for gemini-router (issue "Speed"). Not a test: pytest does not collect it.
 
-    python tests/bench.py [--runs N] [--quick] [--keep] [--only speed,overhead,cooling,fleet]
+    python tests/bench.py [--runs N] [--quick] [--keep] [--only speed,overhead,...,gateway-redis]
 
 What it measures, each comparison side by side in one run (medians of N runs; the commands of
 a group are interleaved and their order rotated every run, so machine noise hits all equally):
@@ -49,6 +49,13 @@ throughput at 32 threads against a zero-latency simulator (target >= 300 request
 cores); and a scripted ``route`` through it (GEMINI_ROUTER_SERVER) vs a direct ``route`` and
 ``python -c pass`` (target: within 3x ``python -c pass`` plus the upstream latency, 50 ms).
 
+Section 10 (``--only gateway-redis``, about a minute and a half) repeats section 9's overhead
+and throughput with the state in files and in Redis side by side: it starts its own
+``redis-server`` on a free loopback port (no persistence; stopped at the end), puts two
+gateways in front of one simulator, one per backend, and loads them in turn, 4 blocks each
+with the order rotated, so machine load falls on both alike. Also what a request costs Redis
+(INFO commandstats before and after: commands sent, commands the Lua scripts ran, Redis' time).
+
 How the CLI is run: like the installed ``gemini-router`` console script. The working tree's
 ``gemini_router.py`` is copied into a temporary directory, byte-compiled there, and started
 through the same shim pip writes; ``python gemini_router.py`` (the source compiled on every
@@ -74,7 +81,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -1161,8 +1168,19 @@ def section_fleet(setup: Setup, routes: int, threads: int) -> tuple[list[str], l
 GATEWAY_LEVELS = {1: 0.005, 32: 0.1}
 GATEWAY_P50_MS, GATEWAY_P99_MS = 2.0, 10.0
 GATEWAY_RPS = 300              # requests/s at 32 threads, zero-latency simulator, 2 cores
+THROUGHPUT_THREADS = 32
 ROUTE_LATENCY = 0.05           # the simulator's latency for the scripted route figures
 GATEWAY_MODEL = "gemini-2.5-flash"
+GATEWAY_PATH = f"/v1beta/models/{GATEWAY_MODEL}:generateContent"      # a pinned model
+GATEWAY_BODY = json.dumps({"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}).encode()
+GATEWAY_HEADERS = {"content-type": "application/json"}
+OVERHEAD_TARGET = f"p50 <= {GATEWAY_P50_MS:g} ms / p99 <= {GATEWAY_P99_MS:g} ms"
+OVERHEAD_HEADERS = ["pairs", "direct p50", "gateway p50", "over p50", "direct p99",
+                    "gateway p99", "over p99", "failed"]
+
+# Gateways to start in front of one simulator: name -> (state directory, environment added
+# to Setup.env's).
+Gateways = dict[str, tuple[Path, dict[str, str]]]
 
 
 def start_simulator(latency: float) -> tuple[subprocess.Popen, str]:
@@ -1177,10 +1195,12 @@ def start_simulator(latency: float) -> tuple[subprocess.Popen, str]:
     return proc, line.split("listening on ", 1)[1].split()[0]
 
 
-def start_gateway(setup: Setup, url: str, state: Path) -> tuple[subprocess.Popen, str, Path]:
-    """`gemini-router serve --port 0` (its log to a file); (process, url, log path)."""
+def start_gateway(setup: Setup, url: str, state: Path, extra_env: dict[str, str] | None = None
+                  ) -> tuple[subprocess.Popen, str, Path]:
+    """`gemini-router serve --port 0` (its log to a file), with Setup.env plus extra_env;
+    (process, url, log path)."""
     log = setup.tmp / f"gateway-{state.name}.log"
-    env = setup.env(state, url)
+    env = {**setup.env(state, url), **(extra_env or {})}
     with open(log, "w") as sink:
         proc = subprocess.Popen(setup.cli("serve", "--port", "0"), env=env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -1208,10 +1228,30 @@ def stop_process(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+@contextlib.contextmanager
+def running_gateways(setup: Setup, latency: float, gateways: Gateways
+                     ) -> Iterator[tuple[str, dict[str, str]]]:
+    """The simulator at `latency` and one gateway per entry in front of it, all stopped on
+    the way out; (simulator url, {name: gateway url})."""
+    procs: list[subprocess.Popen] = []
+    try:
+        sim, sim_url = start_simulator(latency)
+        procs.append(sim)
+        urls: dict[str, str] = {}
+        for name, (state, extra_env) in gateways.items():
+            gw, urls[name], _ = start_gateway(setup, sim_url, state, extra_env)
+            procs.append(gw)
+        yield sim_url, urls
+    finally:
+        for proc in reversed(procs):
+            stop_process(proc)
+
+
 def gateway_load(threads: int, per_thread: int, targets: list[tuple[str, str, dict]],
                  body: bytes) -> tuple[dict[str, list[float]], float, int]:
     """Each thread sends per_thread rounds, one request to every target per round (order
-    rotated each round); ({target: latencies}, wall seconds, failures)."""
+    rotated each round), after one untimed request to each that opens its keep-alive
+    connection; ({target: latencies}, wall seconds, failures)."""
     import threading
     import requests
     times: dict[str, list[float]] = {name: [] for name, _, _ in targets}
@@ -1223,7 +1263,8 @@ def gateway_load(threads: int, per_thread: int, targets: list[tuple[str, str, di
         session = requests.Session()
         own: dict[str, list[float]] = {name: [] for name, _, _ in targets}
         bad = 0
-        session.post(targets[0][1], data=body, headers=targets[0][2], timeout=60)   # connect
+        for _, url, headers in targets:                                          # connect
+            session.post(url, data=body, headers=headers, timeout=60)
         barrier.wait()
         for i in range(per_thread):
             for name, url, headers in targets[(i + n) % len(targets):] + \
@@ -1246,6 +1287,94 @@ def gateway_load(threads: int, per_thread: int, targets: list[tuple[str, str, di
     return times, time.perf_counter() - began, failures[0]
 
 
+def direct_target(sim_url: str) -> tuple[str, str, dict]:
+    """The call a gateway makes, sent straight to the simulator with the key it would add."""
+    return ("direct", sim_url + GATEWAY_PATH, {**GATEWAY_HEADERS, "x-goog-api-key": KEYS[0]})
+
+
+def gateway_targets(gw_url: str, sim_url: str | None) -> list[tuple[str, str, dict]]:
+    """One round of load on a gateway; with sim_url, a direct call interleaved with it."""
+    gateway = ("gateway", gw_url + GATEWAY_PATH, GATEWAY_HEADERS)
+    return [direct_target(sim_url), gateway] if sim_url else [gateway]
+
+
+@dataclass
+class GatewayRun:
+    """One gateway's share of a load: its latencies, the direct calls interleaved with them,
+    failed requests (either), seconds under load, and every request it was sent (timed or
+    not)."""
+    gateway: list[float] = field(default_factory=list)
+    direct: list[float] = field(default_factory=list)
+    failed: int = 0
+    wall: float = 0.0
+    sent: int = 0
+
+    def over(self, q: float) -> float | None:
+        """The gateway's q-th percentile minus the direct call's."""
+        g, d = pctl(self.gateway, q), pctl(self.direct, q)
+        return None if g is None or d is None else g - d
+
+    def rate(self) -> float:
+        """Answers per second through the gateway."""
+        return len(self.gateway) / self.wall if self.wall else 0.0
+
+    def overhead_ok(self) -> bool:
+        over50, over99 = self.over(50), self.over(99)
+        return (self.failed == 0 and over50 is not None and over99 is not None
+                and over50 * 1000 <= GATEWAY_P50_MS and over99 * 1000 <= GATEWAY_P99_MS)
+
+    def overhead_cells(self) -> list[str]:
+        """The cells under OVERHEAD_HEADERS."""
+        g, d = self.gateway, self.direct
+        return [str(len(g)), fmt_ms2(pctl(d, 50)), fmt_ms2(pctl(g, 50)), fmt_ms2(self.over(50)),
+                fmt_ms2(pctl(d, 99)), fmt_ms2(pctl(g, 99)), fmt_ms2(self.over(99)),
+                str(self.failed)]
+
+    def overhead_figure(self, what: str) -> Figure:
+        return Figure(f"{what} (p50 / p99)",
+                      f"{fmt_ms2(self.over(50))} / {fmt_ms2(self.over(99))}", OVERHEAD_TARGET,
+                      self.overhead_ok())
+
+    def throughput_figure(self, what: str) -> Figure:
+        return Figure(what, f"{self.rate():.0f} requests/s", f">= {GATEWAY_RPS}/s",
+                      self.failed == 0 and self.rate() >= GATEWAY_RPS)
+
+
+def warm_gateways(urls: dict[str, str], sim_url: str | None, threads: int, rounds: int) -> None:
+    """Untimed rounds on every gateway first (connections, lazy imports, the model list)."""
+    for url in urls.values():
+        gateway_load(threads, rounds, gateway_targets(url, sim_url), GATEWAY_BODY)
+
+
+def measure_gateways(urls: dict[str, str], sim_url: str | None, threads: int, per_thread: int,
+                     blocks: int = 1) -> dict[str, GatewayRun]:
+    """About per_thread rounds from each of `threads` threads on every gateway, sent in
+    `blocks` blocks: a block on each gateway in turn, the order rotated every block, so that
+    whatever else the machine does falls on all of them alike. With sim_url, every round also
+    calls the simulator directly (interleaved: the overhead's reference)."""
+    runs = {name: GatewayRun() for name in urls}
+    names = list(urls)
+    rounds = max(1, round(per_thread / blocks))
+    for block in range(blocks):
+        first = block % len(names)
+        for name in names[first:] + names[:first]:
+            times, wall, bad = gateway_load(threads, rounds, gateway_targets(urls[name], sim_url),
+                                            GATEWAY_BODY)
+            run = runs[name]
+            run.gateway += times["gateway"]
+            run.direct += times.get("direct", [])
+            run.failed += bad
+            run.wall += wall
+            run.sent += len(times["gateway"]) + threads                  # + the connects
+    return runs
+
+
+def simulator_rate(sim_url: str, threads: int, per_thread: int) -> float:
+    """Answers per second of the simulator alone under the same load."""
+    times, wall, _ = gateway_load(threads, per_thread, [direct_target(sim_url)], GATEWAY_BODY)
+    return len(times["direct"]) / wall
+
+
 def section_gateway(setup: Setup, requests_per_level: int, throughput_requests: int,
                     runs: int) -> tuple[list[str], list[Figure]]:
     """The gateway's overhead over a direct call (p50/p99 at 1 and 32 threads), its
@@ -1253,119 +1382,246 @@ def section_gateway(setup: Setup, requests_per_level: int, throughput_requests: 
     through it against a direct `route` and `python -c pass`."""
     lines = ["== The gateway (gemini-router serve): overhead, throughput, scripted route =="]
     figures: list[Figure] = []
-    body = json.dumps({"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}).encode()
-    path = f"/v1beta/models/{GATEWAY_MODEL}:generateContent"
-    headers = {"content-type": "application/json"}
-    procs: list[subprocess.Popen] = []
-    try:
-        # --- overhead -----------------------------------------------------------------
-        progress(f"gateway overhead: {requests_per_level} pairs per level, threads "
-                 f"{'/'.join(map(str, GATEWAY_LEVELS))} ...")
-        rows = []
-        for threads, latency in GATEWAY_LEVELS.items():
-            sim, sim_url = start_simulator(latency)
-            procs.append(sim)
-            gw, gw_url, _ = start_gateway(setup, sim_url, setup.tmp / f"state-gw-{threads}")
-            procs.append(gw)
-            targets = [("direct", sim_url + path, {**headers, "x-goog-api-key": KEYS[0]}),
-                       ("gateway", gw_url + path, headers)]
-            gateway_load(threads, 3, targets, body)                  # warm both
-            times, wall, bad = gateway_load(threads, max(1, requests_per_level // threads),
-                                            targets, body)
-            stop_process(gw)
-            stop_process(sim)
-            g, d = times["gateway"], times["direct"]
-            over50, over99 = pctl(g, 50) - pctl(d, 50), pctl(g, 99) - pctl(d, 99)
-            ok = bad == 0 and over50 * 1000 <= GATEWAY_P50_MS and over99 * 1000 <= GATEWAY_P99_MS
-            rows.append([str(threads), f"{latency * 1000:.0f} ms", str(len(g)),
-                         fmt_ms2(pctl(d, 50)), fmt_ms2(pctl(g, 50)),
-                         fmt_ms2(over50), fmt_ms2(pctl(d, 99)), fmt_ms2(pctl(g, 99)),
-                         fmt_ms2(over99), str(bad), "pass" if ok else "FAIL"])
-            figures.append(Figure(f"gateway overhead, {threads} thread(s) (p50 / p99)",
-                                  f"{fmt_ms2(over50)} / {fmt_ms2(over99)}",
-                                  f"p50 <= {GATEWAY_P50_MS:g} ms / p99 <= {GATEWAY_P99_MS:g} ms",
-                                  ok))
-        lines.extend(table_lines(["threads", "simulator", "pairs", "direct p50", "gateway p50",
-                                  "over p50", "direct p99", "gateway p99", "over p99", "failed",
-                                  "verdict"], rows, right=set(range(1, 10))))
-        lines.append(f"POST {path} (a pinned model); over = gateway percentile minus the same "
-                     "percentile of the direct call, the two interleaved on the same threads; "
-                     "at 32 threads the simulator answers in 100 ms, so 32 requests are in "
-                     "flight without saturating the machine")
 
-        # --- throughput ---------------------------------------------------------------
-        progress(f"gateway throughput: {throughput_requests} requests on 32 threads, "
-                 "zero-latency simulator ...")
-        sim, sim_url = start_simulator(0.0)
-        procs.append(sim)
-        gw, gw_url, _ = start_gateway(setup, sim_url, setup.tmp / "state-throughput")
-        procs.append(gw)
-        through = [("gateway", gw_url + path, headers)]
-        gateway_load(8, 20, through, body)
-        times, wall, bad = gateway_load(32, max(1, throughput_requests // 32), through, body)
-        rate = len(times["gateway"]) / wall
-        direct_times, direct_wall, _ = gateway_load(
-            32, max(1, throughput_requests // 32),
-            [("direct", sim_url + path, {**headers, "x-goog-api-key": KEYS[0]})], body)
-        direct_rate = len(direct_times["direct"]) / direct_wall
-        ok = bad == 0 and rate >= GATEWAY_RPS
-        figures.append(Figure("gateway throughput, 32 threads, zero-latency simulator",
-                              f"{rate:.0f} requests/s", f">= {GATEWAY_RPS}/s", ok))
-        lines.append("")
-        lines.append(f"throughput at 32 threads: {rate:.0f} requests/s through the gateway "
-                     f"({len(times['gateway'])} requests in {wall:.2f} s, {bad} failed); the "
-                     f"simulator alone answers {direct_rate:.0f}/s to the same load; "
-                     f"{os.cpu_count()} cores shared by the three processes")
-        stop_process(gw)
-        stop_process(sim)
+    # --- overhead ---------------------------------------------------------------------
+    progress(f"gateway overhead: {requests_per_level} pairs per level, threads "
+             f"{'/'.join(map(str, GATEWAY_LEVELS))} ...")
+    rows = []
+    for threads, latency in GATEWAY_LEVELS.items():
+        with running_gateways(setup, latency, {
+                "gateway": (setup.tmp / f"state-gw-{threads}", {})}) as (sim_url, urls):
+            warm_gateways(urls, sim_url, threads, 3)
+            run = measure_gateways(urls, sim_url, threads,
+                                   max(1, requests_per_level // threads))["gateway"]
+        rows.append([str(threads), f"{latency * 1000:.0f} ms", *run.overhead_cells(),
+                     "pass" if run.overhead_ok() else "FAIL"])
+        figures.append(run.overhead_figure(f"gateway overhead, {threads} thread(s)"))
+    lines.extend(table_lines(["threads", "simulator", *OVERHEAD_HEADERS, "verdict"], rows,
+                             right=set(range(1, 10))))
+    lines.append(f"POST {GATEWAY_PATH} (a pinned model); over = gateway percentile minus the "
+                 "same percentile of the direct call, the two interleaved on the same threads; "
+                 "at 32 threads the simulator answers in 100 ms, so 32 requests are in "
+                 "flight without saturating the machine")
 
-        # --- scripted route -------------------------------------------------------------
-        progress(f"scripted route through the gateway vs direct, simulator at "
-                 f"{ROUTE_LATENCY * 1000:.0f} ms, {runs} runs ...")
-        sim, sim_url = start_simulator(ROUTE_LATENCY)
-        procs.append(sim)
-        state = setup.tmp / "state-route-gw"
-        gw, gw_url, _ = start_gateway(setup, sim_url, state)
-        procs.append(gw)
+    # --- throughput -------------------------------------------------------------------
+    progress(f"gateway throughput: {throughput_requests} requests on {THROUGHPUT_THREADS} "
+             "threads, zero-latency simulator ...")
+    per_thread = max(1, throughput_requests // THROUGHPUT_THREADS)
+    with running_gateways(setup, 0.0, {
+            "gateway": (setup.tmp / "state-throughput", {})}) as (sim_url, urls):
+        warm_gateways(urls, None, 8, 20)
+        run = measure_gateways(urls, None, THROUGHPUT_THREADS, per_thread)["gateway"]
+        direct_rate = simulator_rate(sim_url, THROUGHPUT_THREADS, per_thread)
+    figures.append(run.throughput_figure(
+        f"gateway throughput, {THROUGHPUT_THREADS} threads, zero-latency simulator"))
+    lines.append("")
+    lines.append(f"throughput at {THROUGHPUT_THREADS} threads: {run.rate():.0f} requests/s "
+                 f"through the gateway ({len(run.gateway)} requests in {run.wall:.2f} s, "
+                 f"{run.failed} failed); the simulator alone answers {direct_rate:.0f}/s to "
+                 f"the same load; {os.cpu_count()} cores shared by the three processes")
+
+    # --- scripted route ---------------------------------------------------------------
+    progress(f"scripted route through the gateway vs direct, simulator at "
+             f"{ROUTE_LATENCY * 1000:.0f} ms, {runs} runs ...")
+    with running_gateways(setup, ROUTE_LATENCY, {
+            "gateway": (setup.tmp / "state-route-gw", {})}) as (sim_url, urls):
         direct_env = setup.env(setup.tmp / "state-route-direct", sim_url)
         setup.run_cli(direct_env, "models")                       # cached list, as usual
         via_env = setup.env(setup.tmp / "state-route-client", "http://127.0.0.1:9")
         for name in [k for k in via_env if k.startswith("GEMINI_API_KEY")]:
             del via_env[name]                                      # the client holds no key
-        via_env["GEMINI_ROUTER_SERVER"] = gw_url
+        via_env["GEMINI_ROUTER_SERVER"] = urls["gateway"]
         subprocess.run(setup.cli("route", "warm"), env=via_env, capture_output=True)
         cmds = [("python -c pass", [PY, "-c", "pass"], direct_env),
                 ("route (direct)", setup.cli("route", "hi"), direct_env),
                 ("route (through the gateway)", setup.cli("route", "hi"), via_env)]
         samples: dict[str, list[float]] = {name: [] for name, _, _ in cmds}
-        for run in range(runs + 1):
-            for name, argv, env in cmds[run % 3:] + cmds[:run % 3]:
+        for run_no in range(runs + 1):
+            for name, argv, env in cmds[run_no % 3:] + cmds[:run_no % 3]:
                 t0 = time.perf_counter()
                 proc = subprocess.run(argv, env=env, capture_output=True,
                                       stdin=subprocess.DEVNULL)
                 if proc.returncode:
                     raise SystemExit(f"{name} failed: {proc.stderr.decode()[-500:]}")
-                if run:
+                if run_no:
                     samples[name].append(time.perf_counter() - t0)
-        base, direct, via = (median(samples[name]) for name, _, _ in cmds)
-        limit = 3 * base + ROUTE_LATENCY
-        figures.append(Figure("route through the gateway, whole process",
-                              f"{via * 1000:.0f} ms (direct {direct * 1000:.0f} ms, "
-                              f"python -c pass {base * 1000:.0f} ms)",
-                              f"<= 3x python -c pass + {ROUTE_LATENCY * 1000:.0f} ms "
-                              f"= {limit * 1000:.0f} ms", via <= limit))
-        lines.append("")
-        lines.extend(table_lines(["command", "median", "spread", "vs python -c pass"],
-                                 [[name, fmt_ms2(median(samples[name])),
-                                   spread(samples[name]),
-                                   f"{median(samples[name]) / base:.2f}x"]
-                                  for name, _, _ in cmds], right={1, 3}))
-        lines.append(f"simulator at {ROUTE_LATENCY * 1000:.0f} ms; medians of {runs} "
-                     "interleaved runs; the forwarding route imports neither the SDK nor an "
-                     "HTTP library (a plain socket to the gateway)")
+    base, direct, via = (median(samples[name]) for name, _, _ in cmds)
+    limit = 3 * base + ROUTE_LATENCY
+    figures.append(Figure("route through the gateway, whole process",
+                          f"{via * 1000:.0f} ms (direct {direct * 1000:.0f} ms, "
+                          f"python -c pass {base * 1000:.0f} ms)",
+                          f"<= 3x python -c pass + {ROUTE_LATENCY * 1000:.0f} ms "
+                          f"= {limit * 1000:.0f} ms", via <= limit))
+    lines.append("")
+    lines.extend(table_lines(["command", "median", "spread", "vs python -c pass"],
+                             [[name, fmt_ms2(median(samples[name])), spread(samples[name]),
+                               f"{median(samples[name]) / base:.2f}x"]
+                              for name, _, _ in cmds], right={1, 3}))
+    lines.append(f"simulator at {ROUTE_LATENCY * 1000:.0f} ms; medians of {runs} "
+                 "interleaved runs; the forwarding route imports neither the SDK nor an "
+                 "HTTP library (a plain socket to the gateway)")
+    return lines, figures
+
+
+# --- the gateway with its state in Redis (issue 15) ------------------------------------------
+# The overhead and throughput figures above, with the state in files and in Redis side by
+# side: for each figure one simulator with two gateways in front of it, one per backend,
+# loaded in turn in GATEWAY_ALTERNATIONS blocks each (order rotated every block), so that
+# whatever else the machine does falls on both alike. The bench starts its own redis-server
+# (the tests' RedisServer: loopback, a free port, no persistence) and stops it at the end.
+# INFO commandstats before and after a figure's load says what a request cost Redis.
+
+GATEWAY_ALTERNATIONS = 4
+
+
+def backend_gateways(setup: Setup, redis_url: str, tag: str) -> Gateways:
+    """A gateway on the state files and one on Redis (a key prefix of its own), both on
+    fresh state."""
+    return {"files": (setup.tmp / f"state-files-{tag}", {}),
+            "Redis": (setup.tmp / f"state-redis-{tag}",
+                      {"GEMINI_ROUTER_STATE_URL": redis_url,
+                       "GEMINI_ROUTER_REDIS_PREFIX": f"gr-bench-{tag}:"})}
+
+
+def scripted_commands() -> set[str]:
+    """The commands the module's Lua scripts run inside Redis (counted by INFO commandstats
+    as well as the EVALSHA that ran them)."""
+    import re
+    return {name.lower() for text in vars(gr).values() if isinstance(text, str)
+            for name in re.findall(r"redis\.call\('(\w+)'", text)}
+
+
+def command_counts(client: Any) -> dict[str, tuple[int, int]]:
+    """INFO commandstats: {command: (calls, microseconds)}."""
+    return {name.removeprefix("cmdstat_"): (stat["calls"], stat["usec"])
+            for name, stat in client.info("commandstats").items()}
+
+
+@dataclass
+class RedisCost:
+    """What the requests sent to one gateway cost Redis, per request."""
+    requests: int
+    calls: dict[str, float]          # command -> calls per request
+    usec: float                      # Redis' time per request (the commands sent, scripts whole)
+    scripted: set[str]
+
+    @classmethod
+    def between(cls, before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]],
+                requests: int) -> RedisCost:
+        scripted = scripted_commands()
+        diff = {name: (calls - before.get(name, (0, 0))[0], usec - before.get(name, (0, 0))[1])
+                for name, (calls, usec) in after.items() if name != "info"}   # our own INFO
+        diff = {name: d for name, d in diff.items() if d[0]}
+        n = max(1, requests)
+        return cls(requests, {name: calls / n for name, (calls, _) in diff.items()},
+                   sum(usec for name, (_, usec) in diff.items() if name not in scripted) / n,
+                   scripted)
+
+    def commands_sent(self) -> dict[str, float]:
+        """Commands the gateway sent, per request: its round trips to Redis."""
+        return {k: v for k, v in self.calls.items() if k not in self.scripted}
+
+    def commands_inside(self) -> dict[str, float]:
+        """Commands the scripts ran inside Redis, per request."""
+        return {k: v for k, v in self.calls.items() if k in self.scripted}
+
+    def text(self) -> str:
+        def listing(counts: dict[str, float]) -> str:
+            return ", ".join(f"{k} {v:.2f}" for k, v in sorted(counts.items(),
+                                                                 key=lambda kv: -kv[1]))
+        sent = self.commands_sent()
+        return (f"{sum(sent.values()):.2f} commands sent ({listing(sent)}); "
+                f"inside the scripts {listing(self.commands_inside()) or 'none'}; "
+                f"{self.usec:.0f} us of Redis' time ({self.requests} requests)")
+
+
+def ratio_text(files: float | None, redis: float | None) -> str:
+    """Redis / files, when both are positive."""
+    return f"{redis / files:.2f}x" if files and redis and files > 0 and redis > 0 else "-"
+
+
+def section_gateway_redis(setup: Setup, requests_per_level: int, throughput_requests: int
+                          ) -> tuple[list[str], list[Figure]]:
+    """Section 9's overhead and throughput with the state in files and in Redis, alternating,
+    side by side; and what a request costs Redis."""
+    lines = ["== The gateway with its state in files vs in Redis (two gateways, alternating) =="]
+    if shutil.which("redis-server") is None:
+        return (lines + ["not run: redis-server is not installed (apt-get install redis-server)"],
+                [Figure("gateway on Redis", "not run", ok=False)])
+    from conftest import RedisServer
+    levels: dict[int, dict[str, GatewayRun]] = {}
+    costs: dict[str, RedisCost] = {}
+    server = RedisServer(setup.tmp / "redis").start()
+    try:
+        client = server.client()
+        for threads, latency in GATEWAY_LEVELS.items():
+            progress(f"gateway on files vs Redis, overhead: {requests_per_level} pairs each, "
+                     f"{threads} thread(s), {GATEWAY_ALTERNATIONS} alternations ...")
+            with running_gateways(setup, latency, backend_gateways(
+                    setup, server.url, str(threads))) as (sim_url, urls):
+                warm_gateways(urls, sim_url, threads, 3)
+                before = command_counts(client)
+                levels[threads] = measure_gateways(urls, sim_url, threads,
+                                                   max(1, requests_per_level // threads),
+                                                   GATEWAY_ALTERNATIONS)
+                time.sleep(gr.Router.FLUSH_EVERY + 0.2)        # the last batch of answers
+                costs[f"{threads} thread(s)"] = RedisCost.between(
+                    before, command_counts(client), levels[threads]["Redis"].sent)
+        progress(f"gateway on files vs Redis, throughput: {throughput_requests} requests each "
+                 f"on {THROUGHPUT_THREADS} threads ...")
+        with running_gateways(setup, 0.0, backend_gateways(
+                setup, server.url, "throughput")) as (sim_url, urls):
+            warm_gateways(urls, None, 8, 20)
+            before = command_counts(client)
+            through = measure_gateways(urls, None, THROUGHPUT_THREADS,
+                                       max(1, throughput_requests // THROUGHPUT_THREADS),
+                                       GATEWAY_ALTERNATIONS)
+            time.sleep(gr.Router.FLUSH_EVERY + 0.2)
+            costs["throughput"] = RedisCost.between(before, command_counts(client),
+                                                    through["Redis"].sent)
+        version = client.info("server")["redis_version"]
     finally:
-        for proc in procs:
-            stop_process(proc)
+        server.stop()
+
+    figures: list[Figure] = []
+    rows, detail = [], []
+    for threads, runs in levels.items():
+        many = "s" if threads > 1 else ""
+        for name, run in runs.items():
+            detail.append([str(threads), f"{GATEWAY_LEVELS[threads] * 1000:.0f} ms", name,
+                           *run.overhead_cells(), "pass" if run.overhead_ok() else "FAIL"])
+            figures.append(run.overhead_figure(f"gateway on {name}, overhead, {threads} "
+                                               f"thread{many}"))
+        files, redis = runs["files"], runs["Redis"]
+        for q in (50, 99):
+            rows.append([f"overhead p{q}, {threads} thread{many} "
+                         f"({GATEWAY_LEVELS[threads] * 1000:.0f} ms simulator)",
+                         fmt_ms2(files.over(q)), fmt_ms2(redis.over(q)),
+                         ratio_text(files.over(q), redis.over(q))])
+    rows.append([f"throughput, {THROUGHPUT_THREADS} threads (0 ms simulator)",
+                 f"{through['files'].rate():.0f}/s", f"{through['Redis'].rate():.0f}/s",
+                 ratio_text(through["files"].rate(), through["Redis"].rate())])
+    rows.append(["failed requests", str(sum(r["files"].failed for r in levels.values())
+                                        + through["files"].failed),
+                 str(sum(r["Redis"].failed for r in levels.values()) + through["Redis"].failed),
+                 ""])
+    for name, run in through.items():
+        figures.append(run.throughput_figure(f"gateway on {name}, throughput, "
+                                             f"{THROUGHPUT_THREADS} threads"))
+    lines.extend(table_lines(["figure", "files", "Redis", "Redis/files"], rows,
+                             right={1, 2, 3}))
+    lines.append(f"two gateways (state in files; state in Redis {version} on loopback) in "
+                 f"front of one simulator, loaded in turn, {GATEWAY_ALTERNATIONS} blocks each, "
+                 "the order rotated every block; overhead as in section 9 (gateway percentile "
+                 "minus the same percentile of direct calls interleaved with it)")
+    lines.append("")
+    lines.extend(table_lines(["threads", "simulator", "state", *OVERHEAD_HEADERS, "verdict"],
+                             detail, right=set(range(3, 11))))
+    lines.append("")
+    lines.append("Redis per request (INFO commandstats before and after each load, the last "
+                 "batched write included):")
+    for what, cost in costs.items():
+        lines.append(f"  {what}: {cost.text()}")
     return lines, figures
 
 
@@ -1398,6 +1654,11 @@ def run_core(setup: Setup, sections: set[str], args: argparse.Namespace) -> int:
     if "gateway" in sections:
         lines, figs = section_gateway(setup, args.gateway_requests, args.gateway_throughput,
                                       args.gateway_runs)
+        reports.append(lines)
+        figures += figs
+    if "gateway-redis" in sections:
+        lines, figs = section_gateway_redis(setup, args.gateway_requests,
+                                            args.gateway_throughput)
         reports.append(lines)
         figures += figs
     for lines in reports:
@@ -1458,7 +1719,9 @@ SECTIONS = {"speed": "sections 1-5: the CLI side by side with its baselines",
             "overhead": "section 6: Router overhead over a plain SDK call, 1/8/32 threads",
             "cooling": "section 7: a route's CPU time, 50 keys x 30 models all cooling",
             "fleet": "section 8: the 30% fleet vs a healthy one",
-            "gateway": "section 9: the gateway's overhead, throughput and a scripted route"}
+            "gateway": "section 9: the gateway's overhead, throughput and a scripted route",
+            "gateway-redis": "section 10: the gateway's overhead and throughput, state in files "
+                             "vs in Redis"}
 
 
 def sections_arg(text: str) -> set[str]:
@@ -1485,9 +1748,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="routes on each fleet in section 8 (default 1000)")
     ap.add_argument("--fleet-threads", type=int, default=4, help="threads in section 8")
     ap.add_argument("--gateway-requests", type=int, default=1000,
-                    help="gateway + direct pairs per thread count in section 9")
+                    help="gateway + direct pairs per thread count (and backend) in sections 9-10")
     ap.add_argument("--gateway-throughput", type=int, default=3200,
-                    help="requests of the throughput run in section 9")
+                    help="requests of the throughput run (per backend) in sections 9-10")
     ap.add_argument("--gateway-runs", type=int, default=15,
                     help="runs of each scripted route command in section 9")
     ap.add_argument("--worker", nargs=2, metavar=("NAME", "PARAMS"), help=argparse.SUPPRESS)
