@@ -3355,28 +3355,26 @@ def probe_models(settings: Settings, store: StateStore, models: list[str], round
     bar = _progress_bar(len(models) * rounds, progress)
 
     def probe(model: str, offset: int) -> None:
-        session = RouteSession(settings, RoutePlan([model], "probe"),
-                               (start + offset) % len(usable), keys=usable)
-        for _ in usable:
-            choice = router.reserve(session)
-            if choice is None:
-                break
-            _, key, _, counted = choice
+        found: list[ProbeResult] = []
+
+        def call(key: ApiKey, name: str, timeout: float) -> Outcome:
             began = time.perf_counter()
-            outcome = client.generate(key, model, request)
-            latency = time.perf_counter() - began
+            outcome = client.generate(key, name, request, timeout=timeout)
             if outcome.kind == "thinking_exhausted":
                 outcome.kind = "ok"      # our 16-token probe: the model answered by thinking
-            router.record(key, model, outcome, latency, counted)
-            session.learn(model, key, outcome)
-            with done_lock:
-                results.append(ProbeResult(model, key, outcome, latency, time.time()))
-            if outcome.kind == "model_missing" and router.check_model(key, model):
-                return           # the live list no longer has it
-            if outcome.rule.sample is not None or outcome.rule.route == "end":
-                return           # a measurement of the model, or nothing more to learn
+            found.append(ProbeResult(name, key, outcome, time.perf_counter() - began,
+                                     time.time()))
+            return outcome
+        plan = RoutePlan([model], "probe")
+        session = RouteSession(settings, plan, (start + offset) % len(usable), keys=usable)
+        # Each usable key at most once (and a 404's look at the live list); done at the first
+        # outcome that measures the model.
+        router.run(plan, call, session=session, max_calls=2 * len(usable),
+                   enough=lambda outcome: outcome.rule.sample is not None)
         with done_lock:
-            skipped.add(model)
+            results.extend(found)
+            if not found:
+                skipped.add(model)
 
     async def run_round(pool: ThreadPoolExecutor, round_no: int) -> None:
         loop = asyncio.get_running_loop()
@@ -3916,13 +3914,18 @@ class Router:
     def run(self, plan: RoutePlan, call: Callable[[ApiKey, str, float], Outcome], *,
             out: Output | None = None, input_limits: dict[str, int] | None = None,
             input_words: int = 0, deadline_at: float | None = None,
-            docs: dict[str, dict[str, Any]] | None = None) -> RouteRun:
-        """Walk `plan` within the budget: at most max_attempts calls (a 404's check of the
-        live list counts as one), never past the deadline (each call's timeout shrinks to
-        what is left)."""
+            docs: dict[str, dict[str, Any]] | None = None,
+            session: RouteSession | None = None, max_calls: int | None = None,
+            enough: Callable[[Outcome], bool] | None = None) -> RouteRun:
+        """Walk `plan` within the budget: at most max_attempts calls (or `max_calls`; a 404's
+        check of the live list counts as one), never past the deadline (each call's timeout
+        shrinks to what is left), until an answer, an end, or an outcome that is `enough`
+        (a probe stops at its first measurement)."""
         s = self.settings
         began = time.monotonic() if deadline_at is None else deadline_at - s.deadline
-        session = RouteSession(s, plan, self._next_start(), input_limits, input_words)
+        budget = s.max_attempts if max_calls is None else max_calls
+        session = session or RouteSession(s, plan, self._next_start(), input_limits,
+                                          input_words)
         for name, why in session.dropped.items():
             if out:
                 out.info(f"skipping {name}: {why}")
@@ -3930,8 +3933,8 @@ class Router:
         last: tuple[str, ApiKey, Outcome, float] | None = None
         calls, stop = 0, ""
         while True:
-            if calls >= s.max_attempts:
-                stop = f"budget of {s.max_attempts} calls spent (GEMINI_ROUTER_MAX_ATTEMPTS)"
+            if calls >= budget:
+                stop = f"budget of {budget} calls spent (GEMINI_ROUTER_MAX_ATTEMPTS)"
                 break
             left = s.deadline - (time.monotonic() - began)
             if left < 0.05:
@@ -3965,13 +3968,13 @@ class Router:
             session.learn(model, key, outcome)
             last = (model, key, outcome, latency)
             left = s.deadline - (time.monotonic() - began)
-            if outcome.kind == "model_missing" and calls < s.max_attempts and left >= 0.05:
+            if outcome.kind == "model_missing" and calls < budget and left >= 0.05:
                 calls += 1
                 session.missing[model] = session.missing.get(model, 0) + 1
                 if not self.check_model(key, model, out, min(s.timeout, left)) \
                         and session.missing[model] < 2:
                     session.dropped.pop(model, None)   # listed: maybe only this key lacks it
-            if session.ends(outcome):
+            if session.ends(outcome) or (enough is not None and enough(outcome)):
                 break
         if out:
             tried = {f"{k.label} on {m}" for m in plan.models for k in self.settings.keys

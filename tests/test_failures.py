@@ -721,7 +721,9 @@ def test_a_new_cooldown_never_shortens_a_longer_one():
     ("rate_minute", K1, (1, 1), [(PRO, fp(K1), "rate_limited")], []),
     ("rate_day", K1, (1, 1), [(PRO, fp(K1), "daily_quota")], []),
     ("invalid_key", K1, (1, 1), [], [fp(K1)]),
-    ("not_found", None, (1, 0), [(PRO, fp(K1), "model_missing")], []),
+    # (like a route: a listed model gets a second key after a 404, then is left)
+    ("not_found", None, (1, 1), [(PRO, fp(K1), "model_missing"), (PRO, fp(K2), "model_missing")],
+     []),
     ("unavailable", None, (1, 0), [(PRO, fp(K1), "transient")], []),
     ("bad_request", None, (1, 0), [], []),
 ])
@@ -741,8 +743,9 @@ def test_rank_probes_obey_the_same_classification(run3, fake, state_dir, behavio
         until = cooldown_for(state_dir, PRO, fp(K1))["until"]
         assert until == pytest.approx(next_midnight_pacific(before), abs=0.01)
     if behaviour == "not_found":       # one GET of the model, same key: listed -> pair, 24 h
-        assert [(c.model, c.key) for c in fake.calls if c.action == "get"] == [(PRO, K1)]
-        assert lengths(state_dir) == {(PRO, fp(K1), "model_missing"): 86400.0}
+        assert [(c.model, c.key) for c in fake.calls if c.action == "get"] == \
+            [(PRO, K1), (PRO, K2)]
+        assert lengths(state_dir) == {(PRO, fp(k), "model_missing"): 86400.0 for k in (K1, K2)}
         assert samples(state_dir, PRO) == []
     if behaviour == "unavailable":
         assert strikes(state_dir) == {pair(K1, PRO): 1}
