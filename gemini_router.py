@@ -1970,8 +1970,7 @@ def quota_outcome(error: dict[str, Any], message: str) -> Outcome | None:
         return Outcome("daily_quota", f"daily quota spent: {limit} on this project "
                                       f"({quota_id}); resets at midnight Pacific",
                        delay, limits=limits, quota_id=quota_id)
-    when = f"; retry in {_fmt_num(delay, 1)} s" if delay is not None else ""
-    return Outcome("rate_limited", f"rate limited: {limit} on this project ({quota_id}){when}",
+    return Outcome("rate_limited", f"rate limited: {limit} on this project ({quota_id})",
                    delay, limits=limits, quota_id=quota_id)
 
 
@@ -3961,8 +3960,9 @@ class Router:
             attempts.append(Attempt(model, key.label, outcome.kind, round(latency, 4),
                                     outcome.detail))
             if out:
-                out.info(f"  {model} {key.label}: {outcome.rule.words} in {latency:.2f} s"
-                         + (f" ({outcome.detail})" if outcome.detail else ""))
+                out.info(f"  {model} {key.label}: {outcome.detail} ({latency:.2f} s)"
+                         if outcome.detail else
+                         f"  {model} {key.label}: {outcome.rule.words} in {latency:.2f} s")
             if not outcome.deferred:
                 self.record(key, model, outcome, latency, counted)
             session.learn(model, key, outcome)

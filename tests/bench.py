@@ -1565,7 +1565,7 @@ def section_gateway_redis(setup: Setup, requests_per_level: int, throughput_requ
                                                    max(1, requests_per_level // threads),
                                                    GATEWAY_ALTERNATIONS)
                 time.sleep(gr.Router.FLUSH_EVERY + 0.2)        # the last batch of answers
-                costs[f"{threads} thread(s)"] = RedisCost.between(
+                costs[f"{threads} thread{'s' if threads > 1 else ''}"] = RedisCost.between(
                     before, command_counts(client), levels[threads]["Redis"].sent)
         progress(f"gateway on files vs Redis, throughput: {throughput_requests} requests each "
                  f"on {THROUGHPUT_THREADS} threads ...")

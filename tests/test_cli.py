@@ -579,7 +579,7 @@ def test_verbose_shows_the_choice_and_every_attempt(run_main, fake):
     lines = r.err.splitlines()
     assert any("default" in line and DEFAULT_MODEL in line for line in lines)   # the choice
     # every attempt, its outcome in words (never a raw class name such as rate_limited)
-    assert any(f"{DEFAULT_MODEL} key#1: rate limited in " in line for line in lines)
+    assert any(f"{DEFAULT_MODEL} key#1: rate limited: " in line for line in lines)
     assert any(f"{DEFAULT_MODEL} key#2: answered in " in line for line in lines)
     assert "rate_limited" not in r.err
     quiet = route_ok(run_main, "hi")

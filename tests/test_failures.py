@@ -609,7 +609,7 @@ def test_verbose_prints_every_attempt_on_stderr(run3, fake):
     assert r.code == 0, r.err
     assert r.out == f"[{FLASH}] hi\n"
     # in words, never a raw class name
-    assert re.search(r"gemini-2\.5-flash key#1: rate limited in ", r.err), r.err
+    assert re.search(r"gemini-2\.5-flash key#1: rate limited: ", r.err), r.err
     assert re.search(r"gemini-2\.5-flash key#2: answered in ", r.err), r.err
     assert "rate_limited" not in r.err
 

@@ -79,7 +79,7 @@ def test_verbose_shows_every_attempt(route, fake):
     r = route("route", "-v", "hi")
     assert (r.code, r.out) == (0, f"[{FLASH}] hi\n"), r.err
     lines = r.err.splitlines()
-    assert any(re.match(rf"gemini-router: +{FLASH} key#1: rate limited in ", line)
+    assert any(re.match(rf"gemini-router: +{FLASH} key#1: rate limited: ", line)
                for line in lines), r.err
     assert any(re.match(rf"gemini-router: +{FLASH} key#2: answered in ", line)
                for line in lines), r.err
