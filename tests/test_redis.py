@@ -583,3 +583,39 @@ def test_state_import_sanitises_every_entry_and_refuses_what_is_not_an_export(cl
     r = cli("state", "import")
     assert r.code == 2 and "state import needs FILE" in r.err
     assert [e["reason"] for e in cli("cooldowns", "--json").json()] == ["kept"]
+
+
+def test_two_gateways_on_one_redis_spend_one_call_on_a_limited_pair(fake, tmp_path,
+                                                                    redis_server):
+    """Two `gemini-router serve` processes with their own state dirs and one Redis: the
+    429 one of them gets cools the pair for both, so the other never spends a call on it."""
+    import signal
+
+    import requests
+
+    from gateway_fixtures import ServeProcess
+    fake.set_behaviour("rate_minute", key=K1, model=FLASH, retry_delay="300s")
+    body = {"contents": [{"role": "user", "parts": [{"text": "hello"}]}]}
+    gateways = []
+    try:
+        for host in ("a", "b"):
+            env = base_env(tmp_path / host, fake.url, KEYS[:2])
+            env.update(GEMINI_ROUTER_STATE_URL=redis_server.url)
+            gateways.append(ServeProcess(env))
+        answers = []
+        for gateway in gateways + gateways:              # a, b, a, b
+            r = requests.post(f"{gateway.url}/v1beta/models/{FLASH}:generateContent",
+                              json=body, timeout=30)
+            assert r.status_code == 200, r.text
+            answers.append(r.headers["x-gemini-router-key"])
+        assert answers == ["key#2"] * 4
+        assert fake.count(key=K1, action="generate") == 1       # one call on key#1, ever
+        assert fake.count(key=K2, action="generate") == 4
+        cooling = on_redis(CLI(fake, tmp_path / "c", KEYS[:2]), redis_server)(
+            "cooldowns", "--json").json()
+        assert [(e["key"], e["model"], e["kind"]) for e in cooling] == \
+            [("key#1", FLASH, "rate_limited")]
+        assert 290 < cooling[0]["remaining_s"] <= 300
+    finally:
+        for gateway in gateways:
+            assert gateway.stop(signal.SIGTERM) == 0
