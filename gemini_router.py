@@ -3515,12 +3515,29 @@ def plan_route(tx: StateTransaction, models: list[dict[str, Any]], model: str | 
     return RoutePlan(order, why)
 
 
+def unfit_models(models: list[dict[str, Any]], words: int, system: bool, thinking: bool
+                 ) -> dict[str, str]:
+    """The models the list says cannot take this request, and why: skipped before any call
+    (Google would refuse them with a 400 that costs a call each). `words` is a lower bound
+    of the input tokens (a word is at least one token)."""
+    lists_thinking = any(m.get("thinking") for m in models)   # older lists do not say
+    unfit = {}
+    for m in models:
+        name, limit = m["name"], m.get("input_limit") or 0
+        if limit and words > limit:
+            unfit[name] = f"the prompt ({words}+ tokens) exceeds its input limit of {limit}"
+        elif system and name.startswith("gemma"):
+            unfit[name] = "Gemma models take no system instruction"
+        elif thinking and lists_thinking and not m.get("thinking"):
+            unfit[name] = "the request sets thinking options and this model does not think"
+    return unfit
+
+
 class RouteSession:
     """The candidates of one route: per model, keys in rotation; what this route learned."""
 
     def __init__(self, settings: Settings, plan: RoutePlan, start: int,
-                 input_limits: dict[str, int] | None = None, input_words: int = 0,
-                 keys: tuple[ApiKey, ...] | None = None):
+                 unfit: dict[str, str] | None = None, keys: tuple[ApiKey, ...] | None = None):
         self.settings = settings
         self.plan = plan
         self.keys = keys or settings.keys
@@ -3531,12 +3548,7 @@ class RouteSession:
         self.dropped: dict[str, str] = {}          # model -> why this route no longer tries it
         self.missing: dict[str, int] = {}          # model -> 404s in this route
         self.recitations = 0
-        # A prompt longer than a model's input limit (the fake and Google count tokens; a
-        # word is at least one) cannot be taken: skip it before spending a call.
-        for name, limit in (input_limits or {}).items():
-            if limit and input_words > limit:
-                self.dropped[name] = (f"the prompt ({input_words}+ tokens) exceeds its input "
-                                      f"limit of {limit} tokens")
+        self.dropped.update(unfit or {})           # known not to take it: never called
 
     def rotated_keys(self) -> list[ApiKey]:
         n = len(self.keys)
@@ -3911,8 +3923,8 @@ class Router:
         return cached[0]
 
     def run(self, plan: RoutePlan, call: Callable[[ApiKey, str, float], Outcome], *,
-            out: Output | None = None, input_limits: dict[str, int] | None = None,
-            input_words: int = 0, deadline_at: float | None = None,
+            out: Output | None = None, unfit: dict[str, str] | None = None,
+            deadline_at: float | None = None,
             docs: dict[str, dict[str, Any]] | None = None,
             session: RouteSession | None = None, max_calls: int | None = None,
             enough: Callable[[Outcome], bool] | None = None) -> RouteRun:
@@ -3923,8 +3935,7 @@ class Router:
         s = self.settings
         began = time.monotonic() if deadline_at is None else deadline_at - s.deadline
         budget = s.max_attempts if max_calls is None else max_calls
-        session = session or RouteSession(s, plan, self._next_start(), input_limits,
-                                          input_words)
+        session = session or RouteSession(s, plan, self._next_start(), unfit)
         for name, why in session.dropped.items():
             if out:
                 out.info(f"skipping {name}: {why}")
@@ -4017,9 +4028,9 @@ class Router:
 
         def call(key: ApiKey, name: str, timeout: float) -> Outcome:
             return self.client.generate(key, name, request, on_text, timeout)
-        limits = {m["name"]: m.get("input_limit", 0) for m in models}
-        run = self.run(plan, call, out=out, input_limits=limits,
-                       input_words=request.input_words, deadline_at=deadline_at, docs=docs)
+        unfit = unfit_models(models, request.input_words, bool(prompt.system),
+                             "thinkingConfig" in request.wire_options)
+        run = self.run(plan, call, out=out, unfit=unfit, deadline_at=deadline_at, docs=docs)
         result = result_of(run, self.settings, out)
         if key is not None:
             self.cache_store(key, result)
@@ -4093,6 +4104,10 @@ def result_of(run: RouteRun, settings: Settings, out: Output | None = None) -> R
         if outcome.kind == "unreachable":
             raise NothingAvailable(f"cannot reach {settings.endpoint}: {outcome.detail}")
         raise _error_for(outcome, f"{run.model} {run.key.label}: ")
+    if outcome is None and run.session.dropped and not run.session.skipped:
+        # Every candidate was known not to take this request: no call was spent on it.
+        name, why = next(iter(run.session.dropped.items()))
+        raise UpstreamError(f"{name} cannot take this request: {why}")
     if outcome is not None and outcome.kind in ("thinking_exhausted", "empty", "model_cannot",
                                                 "recitation") \
             and not run.session.earliest(time.time()):
@@ -4288,6 +4303,20 @@ def routing_error(exc: RouterError, headers: dict[str, str] | None = None) -> Ga
 
 def _dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def request_shape(body: dict[str, Any]) -> tuple[int, bool, bool]:
+    """(words of text, whether a system instruction, whether thinking options) of a
+    generateContent body: what `unfit_models` needs to skip models before calling them."""
+    def words(node: Any) -> int:
+        if isinstance(node, dict):
+            return sum(len(v.split()) if k == "text" and isinstance(v, str) else words(v)
+                       for k, v in node.items())
+        return sum(words(v) for v in node) if isinstance(node, list) else 0
+    config = body.get("generationConfig")
+    thinking = isinstance(config, dict) and isinstance(config.get("thinkingConfig"), dict)
+    return (words(body.get("contents")) + words(body.get("systemInstruction")),
+            bool(body.get("systemInstruction")), thinking)
 
 
 def _flowing(element: Any) -> bool:
@@ -4590,9 +4619,12 @@ class Gateway:
         return headers
 
     def run(self, plan: RoutePlan, call: Callable[[ApiKey, str, float], Outcome],
-            client: str, models: list[dict[str, Any]] | None = None) -> RouteRun:
-        limits = {m["name"]: m.get("input_limit", 0) for m in models or []}
-        run = self.router.run(plan, call, input_limits=limits,
+            client: str, models: list[dict[str, Any]] | None = None,
+            body: bytes = b"") -> RouteRun:
+        parsed = _safe_loads(body) if models and body else None
+        unfit = unfit_models(models or [], *request_shape(parsed)) if isinstance(
+            parsed, dict) else None
+        run = self.router.run(plan, call, unfit=unfit,
                               deadline_at=time.monotonic() + self.settings.deadline)
         self.metrics.attempts_of(run.attempts, client)
         return run
@@ -4632,7 +4664,8 @@ class Gateway:
             # Token counts and embeddings say nothing about how a model answers: deferred,
             # and never recorded, so they leave no sample in the model's stats.
             return Outcome("ok", status=200, deferred=True)
-        run = self.run(plan, call, client, models if method == "generateContent" else None)
+        run = self.run(plan, call, client, models if method == "generateContent" else None,
+                       body)
         answered = self.answer(run, last.get("response"))
         if cache_key is not None:
             answered.headers["x-gemini-router-cache"] = "miss"
@@ -4677,6 +4710,8 @@ class Gateway:
         try:
             result_of(run, self.settings)
         except UpstreamError as exc:
+            if run.outcome is None:    # no model of the plan can take it: nothing was called
+                raise GatewayError(400, str(exc), "INVALID_ARGUMENT", headers=headers) from None
             if response is None:
                 raise GatewayError(502, str(exc), "upstream_failed", headers=headers) from None
             return Forwarded(response.status_code, self.redacted(response.content), headers)
@@ -4705,7 +4740,7 @@ class Gateway:
                 return flow
             box["flow"] = flow
             return flow.outcome
-        run = self.run(plan, call, client, models)
+        run = self.run(plan, call, client, models, body)
         flow: StreamFlow | None = box.get("flow")
         headers = self.route_headers(run)
         if cache_key is not None:
@@ -4720,6 +4755,8 @@ class Gateway:
                 raise GatewayError(code if isinstance(code, int) and 400 <= code < 600
                                    else 502, redact(str(exc), self.settings.keys),
                                    "upstream_refused", headers=headers) from None
+            if run.outcome is None:    # no model of the plan can take it: nothing was called
+                raise GatewayError(400, str(exc), "INVALID_ARGUMENT", headers=headers) from None
             if flow is None:
                 raise GatewayError(502, str(exc), "upstream_failed", headers=headers) from None
             if not flow.done:

@@ -548,10 +548,12 @@ def test_a_model_that_cannot_take_the_request_never_ends_the_route_alone(run, fa
 
 
 def test_gemma_refuses_a_system_instruction_and_the_route_moves_on(run, fake):
-    """The natural trigger: a gemma model given a system instruction."""
+    """Gemma takes no system instruction: known from the model's name, so it is skipped
+    before any call (the simulator would refuse it, as Google does)."""
     r = run("route", "--json", "-m", GEMMA, "-s", "be brief", "hi")
     assert r.code == 1
-    assert called(fake) == [(GEMMA, "key#1")]
+    assert "Gemma models take no system instruction" in r.err
+    assert called(fake) == []
     fake.reset_log()
     fake.set_behaviour("no_system_instruction", model=PRO)
     r = run("route", "--json", "-s", "be brief", "hi")
@@ -728,6 +730,15 @@ def test_verbose_says_when_thinking_used_most_of_the_output_budget(run, fake):
                 "one two three four five six seven eight nine ten")
     assert light.code == 0, light.err
     assert "thinking used" not in light.err
+
+
+def test_a_model_the_list_says_does_not_think_is_skipped_with_thinking_options(run, fake):
+    r = run("-v", "route", "--json", "-m", GEMMA, "-o", "thinking_budget=4", "hi")
+    assert r.code == 1 and "does not think" in r.err
+    assert called(fake) == []                        # GEMMA is listed without thinking
+    r = run("route", "--json", "-o", "thinking_budget=4", "hi")
+    assert r.code == 0, r.err
+    assert GEMMA not in [a[0] for a in attempts(r)]
 
 
 def test_a_model_without_thinking_is_passed_for_the_next_model(run, fake):

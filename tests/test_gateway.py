@@ -465,3 +465,15 @@ def test_google_genai_sdk_sees_429_with_the_gateway_s_words(guarded, fake):
     with pytest.raises(errors.ClientError) as caught:
         client.models.generate_content(model=FLASH, contents="hi")
     assert caught.value.code == 429 and "nothing available" in caught.value.message
+
+
+def test_a_model_that_cannot_take_the_request_is_refused_without_a_call(gateway, fake):
+    """Gemma takes no system instruction: the gateway says so (400) and calls nothing; with
+    `auto` it routes to a model that can."""
+    payload = body(systemInstruction={"parts": [{"text": "be brief"}]})
+    r = post(gateway, "/v1beta/models/gemma-3-27b-it:generateContent", payload)
+    assert r.status_code == 400
+    assert "Gemma models take no system instruction" in r.json()["error"]["message"]
+    assert calls(fake) == []
+    r = post(gateway, "/v1beta/models/auto:generateContent", payload)
+    assert r.status_code == 200 and r.headers["x-gemini-router-model"] != "gemma-3-27b-it"
