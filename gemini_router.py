@@ -4514,6 +4514,7 @@ class Gateway:
         self.started = time.time()
         self.served = 0
         self._log_lock = threading.Lock()
+        self._local = threading.local()      # the state snapshot a request's plan was made on
         self.metrics = GatewayMetrics(self)
 
     def warm(self) -> None:
@@ -4586,9 +4587,15 @@ class Gateway:
 
     def plan(self, name: str, method: str) -> tuple[RoutePlan, list[dict[str, Any]]]:
         """The candidates for a model name: a listed id pins that model (keys rotate);
-        auto, auto-fast, auto-quality and auto-balance route in that tier's order."""
+        auto, auto-fast, auto-quality and auto-balance route in that tier's order. One look
+        at the state serves the model list, the plan and the first reservation
+        (`self.docs`, per thread)."""
         try:
-            models = self.router.models()
+            docs = self.router.store.snapshot()
+            models = cached_model_list(docs["router"], self.settings, time.time())
+            if models is None:
+                models, docs = self.router.models(), None
+            self._local.docs = docs
             wanted = bare_model(name.strip())
             tier = AUTO_MODELS.get(wanted.lower())
             if method in EMBED_METHODS:
@@ -4599,14 +4606,15 @@ class Gateway:
                                        "model_not_found")
                 if "embedContent" not in entry["methods"]:
                     raise GatewayError(400, f"models/{wanted} does not support {method}")
-                return self.router.plan(models, model=wanted), models
+                return self.router.plan(models, model=wanted, docs=docs), models
             if tier:
-                return self.router.plan(models, tier=tier), models
+                return self.router.plan(models, tier=tier, docs=docs), models
             if not any(m["name"] == wanted for m in models):
                 raise GatewayError(404, f"models/{wanted} is not found: GET /v1beta/models "
                                         f"lists the models, and auto, auto-fast, auto-quality "
                                         "and auto-balance route by tier", "model_not_found")
-            return self.router.plan(models, model=resolve_model(wanted, models)), models
+            return self.router.plan(models, model=resolve_model(wanted, models),
+                                    docs=docs), models
         except RouterError as exc:
             raise routing_error(exc) from None
 
@@ -4624,7 +4632,8 @@ class Gateway:
         parsed = _safe_loads(body) if models and body else None
         unfit = unfit_models(models or [], *request_shape(parsed)) if isinstance(
             parsed, dict) else None
-        run = self.router.run(plan, call, unfit=unfit,
+        docs, self._local.docs = getattr(self._local, "docs", None), None
+        run = self.router.run(plan, call, unfit=unfit, docs=docs,
                               deadline_at=time.monotonic() + self.settings.deadline)
         self.metrics.attempts_of(run.attempts, client)
         return run
