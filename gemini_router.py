@@ -3976,7 +3976,7 @@ class Router:
                 listing["models"] = [m for m in listing["models"] if m["name"] != model]
             if not gone:
                 add_cooldown(tx.cooldowns, model, key.fingerprint, time.time() +
-                             LONG_COOLDOWN_SECS, f"not found for this key, though the list has "
+                             LONG_COOLDOWN_SECS, "not found for this key, though the list has "
                              "it", "model_missing", time.time())
         if out:
             out.info(f"  the live list {'no longer has' if gone else 'still has'} {model}")
@@ -7316,7 +7316,8 @@ def add_global_options(parser: argparse.ArgumentParser, top: bool) -> None:
     g.add_argument("--state-url", metavar="URL", default=d(None),
                    help="keep the state in Redis: redis://[:password@]host:port/db or rediss:// "
                         "(default: $GEMINI_ROUTER_STATE_URL, else the state directory)")
-    g.add_argument("--timeout", metavar="SECONDS", type=flag_type(LIMITS["GEMINI_ROUTER_TIMEOUT"]), default=d(None),
+    g.add_argument("--timeout", metavar="SECONDS", default=d(None),
+                   type=flag_type(LIMITS["GEMINI_ROUTER_TIMEOUT"]),
                    help="per-request timeout (default: $GEMINI_ROUTER_TIMEOUT or 60)")
     g.add_argument("--version", action="version", version=f"{PROG} {__version__}")
 
