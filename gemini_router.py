@@ -9,7 +9,9 @@ The whole tool is this one module. It reads top to bottom in the order the data 
   state store    three JSON documents (stats, cooldowns, router state) behind one lock per
                  directory: writers hold it through ``filelock``, readers share it with
                  ``flock`` and reuse what they parsed while no file changed; one bad entry is
-                 dropped, never its neighbours; files atomically replaced on write
+                 dropped, never its neighbours; files atomically replaced on write. The same
+                 interface over Redis (``RedisStateStore``: a lock with a TTL, degraded to a
+                 local copy while Redis is away), and the response cache beside the state
   keys, client   ``key#N`` labels and sha256 fingerprints; one low-level SDK client per key
                  (never ``genai.configure``, which is process-global and sends the wrong key
                  under threads); every upstream answer classified from its raw JSON through
@@ -22,6 +24,9 @@ The whole tool is this one module. It reads top to bottom in the order the data 
   prober         asyncio + ThreadPoolExecutor probes for ``rank``, through the router's core
   router         ``Router``: plan (lock, -m, tier order), reserve (rotation, pacing), call,
                  record; bounded by GEMINI_ROUTER_MAX_ATTEMPTS calls and a deadline
+  gateway        ``gemini-router serve``: Gemini-native and OpenAI-compatible HTTP over the
+                 same ``Router`` (FastAPI + uvicorn, imported by ``serve`` only), and the
+                 client side of ``route`` through a running gateway
   CLI            argparse subcommands, tables, ``--json``, exit codes
 
 Design rules that the code keeps everywhere:
@@ -439,7 +444,7 @@ class Interrupted(RouterError):
 
 
 # ======================================================================================
-# State store: three JSON files behind one lock
+# State store: three JSON documents - in files behind one lock, or in Redis - and the cache
 # ======================================================================================
 # Every read-modify-write of state happens inside `StateStore.transaction()`: it takes the
 # lock of each directory that holds a state file (normally one: the state directory), loads
