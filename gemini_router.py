@@ -3810,20 +3810,14 @@ class Router:
 
     def record(self, key: ApiKey, model: str | None, outcome: Outcome, latency: float,
                counted: bool = False) -> None:
-        """Record one outcome. State-changing ones are written now (with everything pending);
-        plain answers wait for the next batch. A failure to write an answer's record is a
-        warning: the answer itself is never lost."""
+        """Record one outcome. Facts from Google (quotas, refusals) are written now, with
+        everything pending, for every process to see; answers and transient failures - and
+        an answer that proves a guess wrong - wait for the next batch (this process sees
+        its guesses at once, through `StateView.guesses`). A failure to write an answer's
+        record is a warning: the answer itself is never lost."""
         now = time.time()
-        # Facts from Google (quotas, refusals) are written at once, for every process to see;
-        # a transient failure is a guess and waits for the batch like an answer.
         immediate = outcome.rule.scope is not None and not outcome.answered \
             and outcome.rule.length != "transient" or bool(outcome.limits)
-        if not immediate and model is not None and outcome.answered:
-            view = self._view[1] if self._view else None
-            pair = f"{key.fingerprint}/{model}"
-            immediate = view is not None and (pair in view.router["strikes"]
-                                              or (model, key.fingerprint) in view.cool
-                                              or (model, None) in view.cool)
         with self._lock:
             self._pending.append((key, model or "", outcome, latency, now, counted))
             if model and outcome.rule.length == "transient" and self._view is not None:
