@@ -4284,6 +4284,7 @@ CLIENT_NAME_FORM = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 GATEWAY_THREADS = 64          # requests routed at once (worker threads); more wait their turn
 STATUS_REFRESH_S = 5          # the status page reloads itself this often
 UPSTREAM_POOL = 64            # connections kept open to the upstream
+LOG_EVERY = 0.25              # seconds between writes of the gateway's log
 
 
 def parse_client_keys(raw: str, google_keys: tuple[ApiKey, ...] = ()
@@ -4592,6 +4593,7 @@ class Gateway:
         self.started = time.time()
         self.served = 0
         self._log_lock = threading.Lock()
+        self._log_lines: list[str] = []
         self._local = threading.local()      # the state snapshot a request's plan was made on
         self.metrics = GatewayMetrics(self)
 
@@ -4630,14 +4632,28 @@ class Gateway:
                 data = data.replace(secret, key.label.encode())
         return data
 
-    def log(self, message: str) -> None:
-        """One line on stderr (the gateway's log), keys redacted."""
+    def log(self, message: str, now: bool = False) -> None:
+        """One line of the gateway's log (stderr), keys redacted. Lines are written in
+        batches (`flush_log`, every LOG_EVERY seconds): a write per request would make every
+        request give up the interpreter lock once more."""
         if self.out.quiet:
             return
         line = f"{PROG}: {time.strftime('%Y-%m-%dT%H:%M:%S')} {message}"
         with self._log_lock:
-            sys.stderr.write(redact(line, self.settings.keys) + "\n")
-            sys.stderr.flush()
+            self._log_lines.append(redact(line, self.settings.keys))
+            if now or len(self._log_lines) >= 256:
+                self._write_log()
+
+    def flush_log(self) -> None:
+        with self._log_lock:
+            self._write_log()
+
+    def _write_log(self) -> None:
+        if self._log_lines:
+            lines, self._log_lines = self._log_lines, []
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.write("\n".join(lines) + "\n")
+                sys.stderr.flush()
 
     def served_request(self, api: str, endpoint: str, client: str, method: str, path: str,
                        status: int, headers: Any, began: float) -> None:
@@ -5219,6 +5235,7 @@ def gemini_query(query: Any, stream: bool) -> tuple[dict[str, str], bool]:
 
 def build_app(gateway: Gateway) -> Any:
     """The ASGI app: FastAPI routes over `gateway`, errors shaped like the called API."""
+    import asyncio
     import anyio
     import anyio.to_thread
     from fastapi import FastAPI, Request
@@ -5229,10 +5246,18 @@ def build_app(gateway: Gateway) -> Any:
     async def lifespan(app: Any) -> Any:
         anyio.to_thread.current_default_thread_limiter().total_tokens = GATEWAY_THREADS
         gateway.router.start_flusher()
+
+        async def pump_log() -> None:
+            while True:
+                await asyncio.sleep(LOG_EVERY)
+                gateway.flush_log()
+        pump = asyncio.get_running_loop().create_task(pump_log())
         try:
             yield
         finally:
+            pump.cancel()
             await anyio.to_thread.run_sync(gateway.router.close)
+            gateway.flush_log()
 
     app = FastAPI(title=f"{PROG} gateway", version=__version__, lifespan=lifespan,
                   description="Gemini-native and OpenAI-compatible endpoints over one pool "
@@ -5269,7 +5294,7 @@ def build_app(gateway: Gateway) -> Any:
             response = error_response(api, exc)
         except Exception as exc:     # noqa: BLE001 - never a bare 500 or a traceback
             gateway.log(f"internal error on {request.method} {request.url.path}: "
-                        f"{type(exc).__name__}: {_one_line(exc, 300)}")
+                        f"{type(exc).__name__}: {_one_line(exc, 300)}", now=True)
             response = error_response(api, GatewayError(
                 500, f"internal error in the gateway ({type(exc).__name__}); its log says "
                      "more", "internal_error"))
