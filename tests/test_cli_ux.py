@@ -511,7 +511,7 @@ def test_bad_error_format_setting_is_a_configuration_error(run_main):
 
 @pytest.mark.parametrize("argv, heavy", [
     (["tiers"], ("threading",)), (["stats"], ("threading",)), (["cooldowns"], ("threading",)),
-    (["--help"], ("threading",)),
+    (["--help"], ("threading",)), (["keys"], ("threading", "redis", "fastapi")),
     (["unlock"], ()),                 # a writer: filelock brings threading with it
 ])
 def test_local_commands_import_no_new_modules(state_dir, fake, argv, heavy):

@@ -56,7 +56,9 @@ def test_listing_failures_read_as_clean_lines(run_main, fake, behaviour):
     fake.set_behaviour(behaviour)
     r = run_main("models", keys=KEYS[:1])
     assert r.code in (1, 3, 4)
-    for line in r.err.splitlines(keepends=True):
+    lines = r.err.splitlines(keepends=True)
+    assert lines and lines[-1].startswith("gemini-router: error: ")
+    for line in lines:
         assert_clean(line)
 
 
