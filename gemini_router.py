@@ -2342,21 +2342,22 @@ class GeminiClient:
         Built once per prompt, before any call: a value the SDK refuses is the user's
         mistake (a UsageError), not an upstream failure to route around."""
         glm = self.glm
-        parts: list[Any] = [glm.Part(inline_data=glm.Blob(mime_type=mime, data=data))
-                            for mime, data in prompt.attachments]
-        parts.append(glm.Part(text=prompt.text))
         config = dict(prompt.options)
         if prompt.schema is not None:
             config["response_mime_type"] = "application/json"
             config["response_schema"] = prompt.schema
         try:
+            parts: list[Any] = [glm.Part(inline_data=glm.Blob(mime_type=mime, data=data))
+                                for mime, data in prompt.attachments]
+            parts.append(glm.Part(text=prompt.text))
             request = glm.GenerateContentRequest(
                 contents=[glm.Content(role="user", parts=parts)],
                 generation_config=glm.GenerationConfig(**config) if config else None)
+            if prompt.system:
+                request.system_instruction = glm.Content(parts=[glm.Part(text=prompt.system)])
         except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+            # (a lone surrogate is a UnicodeEncodeError: a ValueError)
             raise UsageError(f"the request cannot be built: {_one_line(exc, 200)}") from None
-        if prompt.system:
-            request.system_instruction = glm.Content(parts=[glm.Part(text=prompt.system)])
         words = len(prompt.text.split()) + len((prompt.system or "").split())
         return WireRequest(request, dict(prompt.wire_options), words)
 
@@ -2520,7 +2521,7 @@ class GeminiClient:
 def _safe_json(response: Any) -> Any:
     try:
         return response.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
 
 
@@ -4381,7 +4382,10 @@ def routing_error(exc: RouterError, headers: dict[str, str] | None = None) -> Ga
 
 
 def _dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    """Compact JSON bytes; a client's lone surrogate travels escaped (valid JSON, and the
+    upstream judges it) rather than breaking the encoding."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode(
+        "utf-8", "backslashreplace")
 
 
 def request_shape(body: dict[str, Any]) -> tuple[int, bool, bool]:
@@ -4437,7 +4441,6 @@ class StreamFlow:
     buffered: list[Any] = field(default_factory=list)
     done: bool = False                  # the whole stream arrived before any content
     error: dict[str, Any] | None = None  # an {"error"} element that came before any content
-    cache_key: str | None = None        # where its answer is kept, when the cache is on
 
 
 class GeminiArrayFramer:
@@ -4728,7 +4731,7 @@ class Gateway:
         """One non-streamed call (generateContent, countTokens, embedContent,
         batchEmbedContents), failed over by the run loop; the client's body goes up and the
         upstream's answer comes back unchanged."""
-        cache_key = self.cache_key(name, body) if method == "generateContent" else None
+        cache_key = self.cache_key(name, body, params) if method == "generateContent" else None
         hit = self.cache_hit(cache_key)
         if hit is not None:
             return Forwarded(200, self.redacted(_dumps(hit[0])), hit[1])
@@ -4767,14 +4770,18 @@ class Gateway:
 
     # --- the response cache (GEMINI_ROUTER_CACHE_TTL) -----------------------------------
 
-    def cache_key(self, name: str, body: bytes) -> str | None:
-        """The key of a generateContent request's answer, or None when the cache is off. A
-        streamed request shares it, so a stream replays a cached answer and vice versa."""
+    def cache_key(self, name: str, body: bytes, params: dict[str, str]) -> str | None:
+        """The key of a generateContent request's answer, or None when the cache is off: the
+        model name as given, the body, and the query sent upstream (`$alt=json;enum-encoding=
+        int` changes how the answer is written). A streamed request shares it, so a stream
+        replays a cached answer; only plain answers fill the cache (a stream's merged
+        elements are not the answer a plain request gets)."""
         if self.settings.cache_ttl <= 0:
             return None
         parsed = _safe_loads(body)
-        return None if not isinstance(parsed, dict) else \
-            request_cache_key(self.settings, "generateContent", bare_model(name), parsed)
+        return None if not isinstance(parsed, dict) else request_cache_key(
+            self.settings, "generateContent", bare_model(name),
+            {"body": parsed, "query": sorted(params.items())})
 
     def cache_hit(self, cache_key: str | None) -> tuple[dict[str, Any], dict[str, str]] | None:
         """(the cached answer, its headers), or None: no upstream call for a repeat."""
@@ -4816,7 +4823,7 @@ class Gateway:
         """Start a streamed call: failover happens here, before anything is sent. Returns
         the routing headers and the body to stream, or a Forwarded refusal (an HTTP error
         the upstream gave before streaming, passed on as it came)."""
-        cache_key = self.cache_key(name, body)
+        cache_key = self.cache_key(name, body, params)
         hit = self.cache_hit(cache_key)
         if hit is not None:
             answer, headers = hit
@@ -4837,8 +4844,6 @@ class Gateway:
         headers = self.route_headers(run)
         if cache_key is not None:
             headers["x-gemini-router-cache"] = "miss"
-            if flow is not None:
-                flow.cache_key = cache_key
         try:
             result_of(run, self.settings)
         except UpstreamError as exc:
@@ -4957,8 +4962,6 @@ class Gateway:
             final.partial = True
             final.detail = f"stream broke after output began: {final.detail}"
         self.router.record(flow.key, flow.model, final, time.perf_counter() - flow.began)
-        if flow.cache_key is not None and final.kind == "ok":
-            self.cache_keep(flow.cache_key, final.body, flow.model, flow.key)
 
     # --- the model list ------------------------------------------------------------------
 
@@ -4977,6 +4980,8 @@ class Gateway:
         try:
             size = min(1000, max(1, int(page_size))) if page_size else 50
             start = int(page_token) if page_token else 0
+            if start < 0:
+                raise ValueError(page_token)
         except ValueError:
             raise GatewayError(400, "pageSize and pageToken must be whole numbers") from None
         page: dict[str, Any] = {"models": entries[start:start + size]}
@@ -5027,6 +5032,13 @@ class Gateway:
                             "message": redact(str(exc), self.settings.keys),
                             "until": getattr(exc, "until", None),
                             "rate_limited": getattr(exc, "rate_limited", False)}})
+        except Exception as exc:     # noqa: BLE001 - a forwarded route always ends in an event
+            self.log(f"internal error on a forwarded route: {type(exc).__name__}: "
+                     f"{_one_line(exc, 300)}", now=True)
+            sink({"error": {"exit_code": 1, "kind": "upstream", "until": None,
+                            "rate_limited": False,
+                            "message": f"internal error in the gateway ({type(exc).__name__})"
+                                       "; its log says more"}})
         finally:
             if router is not self.router:
                 router.close()
@@ -5239,8 +5251,16 @@ def build_app(gateway: Gateway) -> Any:
     import anyio
     import anyio.to_thread
     from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+    from fastapi.responses import HTMLResponse, Response, StreamingResponse
+    from fastapi.responses import JSONResponse as StarletteJSON
     from starlette.exceptions import HTTPException
+
+    class JSONResponse(StarletteJSON):
+        """JSON written by `_dumps`: a lone surrogate (a client's, echoed back) stays
+        valid JSON instead of failing the encoding."""
+
+        def render(self, content: Any) -> bytes:
+            return _dumps(content)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> Any:
@@ -5323,8 +5343,8 @@ def build_app(gateway: Gateway) -> Any:
     async def json_body(request: Request) -> Any:
         try:
             return json.loads(await request.body())
-        except ValueError:
-            raise GatewayError(400, "the request body is not valid JSON",
+        except (ValueError, RecursionError):
+            raise GatewayError(400, "the request body is not valid JSON (or nests too deeply)",
                                "invalid_json") from None
 
     @app.post("/v1beta/models/{target:path}", summary="Gemini: generateContent, "
@@ -5426,8 +5446,14 @@ def build_app(gateway: Gateway) -> Any:
         worker = threading.Thread(target=gateway.route_for_cli, name="gemini-router-route",
                                   args=(payload, events.put, client), daemon=True)
         worker.start()
+        patience = gateway.settings.deadline + gateway.settings.timeout + 30
         while True:
-            event = events.get()
+            try:
+                event = events.get(timeout=patience)   # a route ends by its deadline
+            except queue.Empty:
+                event = {"error": {"exit_code": 1, "kind": "upstream", "until": None,
+                                   "rate_limited": False, "message": "the forwarded route "
+                                   "gave no answer within its deadline"}}
             yield redact(json.dumps(event), gateway.settings.keys).encode() + b"\n"
             if "result" in event or "error" in event:
                 return
@@ -5552,7 +5578,10 @@ def openai_messages(messages: Any) -> tuple[list[str], list[dict[str, Any]]]:
             contents.append({"role": "user", "parts": openai_parts(content, where)})
         elif role == "assistant":
             parts = [{"text": text} for text in [openai_text(content, where)] if text]
-            for n, call in enumerate(message.get("tool_calls") or []):
+            calls = message.get("tool_calls") or []
+            if not isinstance(calls, list):
+                raise _bad(f"{where}.tool_calls must be a list")
+            for n, call in enumerate(calls):
                 name, args = openai_tool_call(call, f"{where}.tool_calls[{n}]")
                 called[str(call.get("id"))] = name
                 parts.append({"functionCall": {"name": name, "args": args}})
@@ -5636,7 +5665,7 @@ def openai_tool_call(call: Any, where: str) -> tuple[str, dict[str, Any]]:
         raise _bad(f"{where} must be a function call with a name")
     try:
         args = json.loads(function.get("arguments") or "{}")
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         raise _bad(f"{where}.function.arguments is not JSON") from None
     return function["name"], args if isinstance(args, dict) else {"value": args}
 
@@ -5645,7 +5674,7 @@ def tool_response(text: str) -> dict[str, Any]:
     """A tool's answer as a functionResponse.response object."""
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return {"content": text}
     return value if isinstance(value, dict) else {"content": value}
 

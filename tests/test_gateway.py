@@ -477,3 +477,41 @@ def test_a_model_that_cannot_take_the_request_is_refused_without_a_call(gateway,
     assert calls(fake) == []
     r = post(gateway, "/v1beta/models/auto:generateContent", payload)
     assert r.status_code == 200 and r.headers["x-gemini-router-model"] != "gemma-3-27b-it"
+
+
+def test_hostile_client_input_gets_a_400_never_a_500(gateway, fake):
+    deep = '{"model":"auto","messages":' + "[" * 50000 + "]" * 50000 + "}"
+    r = requests.post(gateway.url + "/v1/chat/completions", data=deep, timeout=30,
+                      headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "nests too deeply" in r.json()["error"]["message"]
+    bad_calls = {"model": FLASH, "messages": [{"role": "assistant", "content": "x",
+                                               "tool_calls": 5},
+                                              {"role": "user", "content": "hi"}]}
+    r = post(gateway, "/v1/chat/completions", bad_calls)
+    assert r.status_code == 400 and "tool_calls must be a list" in r.json()["error"]["message"]
+    deep_args = {"model": FLASH, "messages": [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function",
+             "function": {"name": "f", "arguments": "[" * 50000}}]},
+        {"role": "user", "content": "hi"}]}
+    r = post(gateway, "/v1/chat/completions", deep_args)
+    assert r.status_code == 400 and "arguments is not JSON" in r.json()["error"]["message"]
+    r = requests.post(gateway.url + "/v1/chat/completions", timeout=30,
+                      data='{"model":"gemini-2.5-flash","messages":[{"role":"user",'
+                           '"content":"\\ud800"}]}', headers={"content-type": "application/json"})
+    assert r.status_code in (200, 400), r.text                 # never a 500
+    r = requests.get(gateway.url + "/v1beta/models?pageToken=-5", timeout=10)
+    assert r.status_code == 400
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_forwarded_route_the_sdk_cannot_build_ends_with_exit_2(gateway, fake, stream):
+    """A lone surrogate in a forwarded route: one terminal error event (exit 2), never a
+    stream that waits for ever."""
+    payload = json.dumps({"prompt": "hi \ud800", "model": FLASH, "stream": stream})
+    r = requests.post(gateway.url + "/v1/router/route", data=payload, timeout=20,
+                      headers={"content-type": "application/json"})
+    events = [json.loads(line) for line in r.text.splitlines() if line.strip()]
+    assert events[-1]["error"]["exit_code"] == 2
+    assert "cannot be built" in events[-1]["error"]["message"]
+    assert calls(fake) == []
