@@ -51,7 +51,7 @@ import os
 import stat
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:      # annotations only: importing typing would slow every local command
@@ -2210,16 +2210,23 @@ def upstream_pool(endpoint: str, size: int = 8) -> Any:
     directly - requests' per-call work costs ≈0.3 ms, a third of a forwarded call. Proxy and
     CA settings come from the environment, as requests reads them, once."""
     import urllib3
-    import requests.utils
-    verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
-    if not verify:
+    proxies, bundle = environment_transport(endpoint)
+    if not bundle:
         import certifi
-        verify = certifi.where()
+        bundle = certifi.where()
     options: dict[str, Any] = {"maxsize": size, "block": False, "retries": False}
     if endpoint.startswith("https://"):
-        options.update(cert_reqs="CERT_REQUIRED", ca_certs=verify)
-    proxy = requests.utils.get_environ_proxies(endpoint).get(endpoint.split(":", 1)[0])
+        options.update(cert_reqs="CERT_REQUIRED", ca_certs=bundle)
+    proxy = proxies.get(endpoint.split(":", 1)[0])
     return urllib3.ProxyManager(proxy, **options) if proxy else urllib3.PoolManager(**options)
+
+
+def environment_transport(endpoint: str) -> tuple[dict[str, str], str | None]:
+    """(the proxies, the CA bundle or None) the environment sets for `endpoint`, read the
+    way requests reads them (HTTPS_PROXY, NO_PROXY, REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE)."""
+    import requests.utils
+    return (requests.utils.get_environ_proxies(endpoint),
+            os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE"))
 
 
 class RawResponse:
@@ -2258,10 +2265,9 @@ class RawResponse:
 def settle_session(session: Any, endpoint: str) -> Any:
     """The environment's proxy and CA settings for the one endpoint, read once: requests
     would otherwise scan the whole environment on every call (≈0.6 ms, a third of a call)."""
-    import requests.utils
-    session.proxies.update(requests.utils.get_environ_proxies(endpoint))
-    session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or \
-        os.environ.get("CURL_CA_BUNDLE") or True
+    proxies, bundle = environment_transport(endpoint)
+    session.proxies.update(proxies)
+    session.verify = bundle or True
     session.trust_env = False
     return session
 
@@ -3909,6 +3915,17 @@ class Router:
                     return cached
             return self._fetch_models(out, deadline_at)
 
+    def models_now(self, out: Output | None = None, deadline_at: float | None = None
+                   ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]] | None]:
+        """(the model list, the state snapshot it came from): one look at the state serves
+        a request's model list, its plan and its first reservation. The snapshot is None
+        when the list had to be fetched (the state changed meanwhile)."""
+        docs = self.store.snapshot()
+        models = cached_model_list(docs["router"], self.settings, time.time())
+        if models is None:
+            return self.models(out=out, deadline_at=deadline_at), None
+        return models, docs
+
     def _cached_models(self) -> list[dict[str, Any]] | None:
         return cached_model_list(self.store.snapshot()["router"], self.settings, time.time())
 
@@ -4092,11 +4109,7 @@ class Router:
                 return cached
         request = self.client.build_request(prompt)
         deadline_at = time.monotonic() + self.settings.deadline
-        # One look at the state serves the model list, the plan and the first reservation.
-        docs = self.store.snapshot()
-        models = cached_model_list(docs["router"], self.settings, time.time())
-        if models is None:
-            models, docs = self.models(out=out, deadline_at=deadline_at), None
+        models, docs = self.models_now(out, deadline_at)
         model = resolve_model(model, models) if model else None
         plan = self.plan(models, model, tier, docs)
         for notice in plan.notices:
@@ -4675,12 +4688,9 @@ class Gateway:
         """The candidates for a model name: a listed id pins that model (keys rotate);
         auto, auto-fast, auto-quality and auto-balance route in that tier's order. One look
         at the state serves the model list, the plan and the first reservation
-        (`self.docs`, per thread)."""
+        (`self._local.docs`, per thread: `run` takes it)."""
         try:
-            docs = self.router.store.snapshot()
-            models = cached_model_list(docs["router"], self.settings, time.time())
-            if models is None:
-                models, docs = self.router.models(), None
+            models, docs = self.router.models_now()
             self._local.docs = docs
             wanted = bare_model(name.strip())
             tier = AUTO_MODELS.get(wanted.lower())
@@ -5017,7 +5027,7 @@ class Gateway:
         try:
             prompt, model, tier, stream, verbose, budget = cli_route_request(payload)
             if budget:
-                router = Router(dataclasses_replace(self.settings, **budget),
+                router = Router(replace(self.settings, **budget),
                                 store=self.router.store, client=self.router.client,
                                 shared_rotation=False)
             out = _Relayed(verbose, lambda level, message: sink({"log": [level, message]}))
@@ -5083,11 +5093,6 @@ class Gateway:
                           "degraded": getattr(store, "degraded", None)},
                 "now": round(now, 3), "keys": keys, "models": models, "grid": grid,
                 "tiers": tiers}
-
-
-def dataclasses_replace(obj: Any, **changes: Any) -> Any:
-    import dataclasses
-    return dataclasses.replace(obj, **changes)
 
 
 def status_cell(block: Block | None, now: float) -> dict[str, Any]:

@@ -268,6 +268,25 @@ class CLI:
         return read_state(self.state_dir, name)
 
 
+def route_while_state_is_locked(cli: CLI, model: str, take_lock) -> Result:
+    """`route -m model hello` with `take_lock()` run once the upstream call is in flight
+    (the model should answer slowly), so recording the answer meets a held lock."""
+    import threading
+    import time
+
+    def hold() -> None:
+        deadline = time.monotonic() + 30
+        while not cli.fake.count(action="generate") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        take_lock()
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        return cli("route", "-m", model, "hello", env={"GEMINI_ROUTER_LOCK_TIMEOUT": "0.5"})
+    finally:
+        thread.join()
+
+
 @pytest.fixture
 def state_dir(tmp_path) -> Path:
     return tmp_path / "state"

@@ -5,14 +5,12 @@ shows in /metrics; a different body, model or an expired entry goes upstream."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import requests
 
 from gateway_fixtures import FLASH, gateway_env, serving
 
-import gemini_router as gr
 
 GENERATE = f"/v1beta/models/{FLASH}:generateContent"
 STREAM = f"/v1beta/models/{FLASH}:streamGenerateContent"
@@ -50,7 +48,7 @@ def test_an_exact_repeat_is_answered_from_the_cache(cached, fake):
     assert second.json() == first.json()
     assert upstream(fake) == 1
     post(cached, GENERATE, body("something else"))                 # another body: upstream
-    post(cached, f"/v1beta/models/gemini-2.0-flash:generateContent")  # another model
+    post(cached, "/v1beta/models/gemini-2.0-flash:generateContent")   # another model
     assert upstream(fake) == 3
 
 

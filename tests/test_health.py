@@ -7,17 +7,14 @@ Real parts only: the CLI runs in-process through `main(argv)` (`run_main`) or as
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import threading
 import time
-from pathlib import Path
 
 import pytest
 from filelock import FileLock
 
-from conftest import CLI, KEYS, ROOT, base_env, read_state, write_state
+from conftest import KEYS, ROOT, base_env, route_while_state_is_locked, read_state, write_state
 
 FLASH = "gemini-2.5-flash"
 LITE = "gemini-2.0-flash-lite"
@@ -296,22 +293,11 @@ def test_a_locked_model_that_is_gone_says_so_and_wait_does_not_sleep(run_main, f
 def test_an_answer_is_printed_when_recording_it_fails(cli, fake, state_dir):
     assert cli("models").code == 0
     fake.set_latency(1.0, model=FLASH)
-    holder: dict = {}
-
-    def hold_lock():
-        deadline = time.monotonic() + 30
-        while not fake.count(action="generate") and time.monotonic() < deadline:
-            time.sleep(0.01)                                 # until the call is in flight
-        lock = FileLock(str(state_dir / "state.lock"))
-        lock.acquire()
-        holder["lock"] = lock
-    t = threading.Thread(target=hold_lock)
-    t.start()
+    lock = FileLock(str(state_dir / "state.lock"))
     try:
-        r = cli("route", "-m", FLASH, "hello", env={"GEMINI_ROUTER_LOCK_TIMEOUT": "0.5"})
+        r = route_while_state_is_locked(cli, FLASH, lock.acquire)
     finally:
-        t.join()
-        holder["lock"].release()
+        lock.release()
     assert r.code == 0, r.err
     assert r.out == f"[{FLASH}] hello\n"
     assert "warning: could not record the outcome" in r.err

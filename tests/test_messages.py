@@ -5,7 +5,6 @@ upstream's own message, and a choice the router overrides or passes over is said
 from __future__ import annotations
 
 import re
-import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 

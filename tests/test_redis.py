@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 import gemini_router as gr
-from conftest import KEYS, ROOT, CLI, RedisServer, base_env
+from conftest import KEYS, ROOT, CLI, RedisServer, base_env, route_while_state_is_locked
 
 FLASH = "gemini-2.5-flash"
 FLASH20 = "gemini-2.0-flash"
@@ -480,16 +480,8 @@ def test_an_answer_is_printed_when_the_redis_lock_keeps_its_record_out(cli, fake
     on_redis(cli, redis_server)
     assert cli("models").code == 0
     fake.set_latency(1.0, model=FLASH)
-
-    def hold_lock():
-        wait_for(lambda: fake.count(action="generate"), what="the call")
-        redis_server.client().set(PREFIX + "lock", "another-host", px=4000)
-    t = threading.Thread(target=hold_lock)
-    t.start()
-    try:
-        r = cli("route", "-m", FLASH, "hello", env={"GEMINI_ROUTER_LOCK_TIMEOUT": "0.5"})
-    finally:
-        t.join()
+    r = route_while_state_is_locked(cli, FLASH, lambda: redis_server.client().set(
+        PREFIX + "lock", "another-host", px=4000))
     assert r.code == 0, r.err
     assert r.out == f"[{FLASH}] hello\n"
     assert "warning: could not record the outcome: state lock gemini-router:lock in Redis" \
