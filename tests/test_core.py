@@ -71,7 +71,7 @@ def assert_state_valid(state_dir) -> None:
     """Every state file present is complete JSON with a schema field, private, and no
     temp file of an atomic write is left behind."""
     leftovers = [p.name for p in state_dir.iterdir()
-                 if p.name not in (*STATE_FILES.values(), "state.lock", "models.lock")]
+                 if p.name not in (*STATE_FILES.values(), "state.lock", "state.gen", "models.lock")]
     assert leftovers == []
     for name, filename in STATE_FILES.items():
         path = state_dir / filename
@@ -151,8 +151,8 @@ def test_state_keeps_fingerprints_never_secrets(run_main, fake, state_dir):
         assert len(sample["key"]) >= 8
         assert fingerprint(secret).startswith(sample["key"])
     for path in state_dir.iterdir():
-        text = path.read_text()
-        assert not any(secret in text for secret in KEYS), path.name
+        data = path.read_bytes()
+        assert not any(secret.encode() in data for secret in KEYS), path.name
 
 
 def test_disabled_key_follows_its_fingerprint_after_reordering(run_main, fake):
@@ -224,7 +224,7 @@ def test_bad_endpoint_is_a_configuration_error(run_main, fake, endpoint):
 def test_route_writes_three_valid_private_files(run_main, fake, state_dir):
     route_touching_every_file(run_main, fake)
     assert sorted(p.name for p in state_dir.iterdir()) == \
-        sorted([*STATE_FILES.values(), "models.lock", "state.lock"])
+        sorted([*STATE_FILES.values(), "models.lock", "state.gen", "state.lock"])
     assert_state_valid(state_dir)
 
 
@@ -243,7 +243,7 @@ def test_state_directory_resolution(run_main, fake, tmp_path, where):
         expected = tmp_path / "home" / ".local" / "state" / "gemini-router"
     route_touching_every_file(run_main, fake, *args, env=env)
     assert sorted(p.name for p in expected.iterdir()) == \
-        sorted([*STATE_FILES.values(), "models.lock", "state.lock"])
+        sorted([*STATE_FILES.values(), "models.lock", "state.gen", "state.lock"])
     assert_state_valid(expected)
 
 

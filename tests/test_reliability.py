@@ -15,6 +15,7 @@ What this file proves (issue "Reliability and security", parts 1-3):
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -101,7 +102,8 @@ def warmed(cli, run_main, fake):
     assert sample_count(cli.state_dir) == 1
     assert [s["kind"] for s in cli.state("stats")["models"]["gemini-2.5-flash"]] == ["ok"]
     assert sorted(p.name for p in cli.state_dir.iterdir()) == [
-        "cooldowns.json", "model_stats.json", "models.lock", "router_state.json", "state.lock"]
+        "cooldowns.json", "model_stats.json", "models.lock", "router_state.json", "state.gen",
+        "state.lock"]
     fake.reset_log()
     return cli
 
@@ -127,9 +129,10 @@ def test_16_concurrent_routes_record_every_sample(warmed, fake):
     assert sample_count(warmed.state_dir) == before + 16
     assert [s["kind"] for s in docs["model_stats.json"]["models"]["gemini-2.5-flash"]] \
         == ["ok"] * 17
-    # nothing but the three files and the lock: no temp file left behind
+    # nothing but the three files, the lock and the change counter: no temp file left behind
     assert sorted(p.name for p in warmed.state_dir.iterdir()) == [
-        "cooldowns.json", "model_stats.json", "models.lock", "router_state.json", "state.lock"]
+        "cooldowns.json", "model_stats.json", "models.lock", "router_state.json", "state.gen",
+        "state.lock"]
 
 
 @pytest.mark.parametrize("args", [("stats",), ("route", "hello"), ("route", "--json", "hello"),
@@ -524,7 +527,8 @@ def test_unwritable_state_is_exit_3_and_files_survive(warmed, run_main, fake, ar
     assert "cannot write state file" in err
     assert {n: (warmed.state_dir / n).read_bytes() for n in STATE_FILES} == before
     assert sorted(p.name for p in warmed.state_dir.iterdir()) == [
-        "cooldowns.json", "model_stats.json", "models.lock", "router_state.json", "state.lock"]
+        "cooldowns.json", "model_stats.json", "models.lock", "router_state.json", "state.gen",
+        "state.lock"]
 
 
 @pytest.mark.parametrize("args", [("stats",), ("tiers",), ("cooldowns",), ("cooldowns", "--json"),
@@ -640,3 +644,68 @@ def test_readers_honour_file_overrides_when_the_state_dir_is_gone(run_main, fake
     assert (cooldowns.code, cooldowns.err) == (0, "")
     assert [(e["model"], e["key"]) for e in cooldowns.json()] == [("gemini-2.5-flash", "key#1")]
     assert not state_dir.exists()                            # a reader creates nothing
+
+
+# --------------------------------------------------------------------------------------
+# a long-lived router sees other processes' writes through the change counter
+# --------------------------------------------------------------------------------------
+
+FLASH = "gemini-2.5-flash"
+
+
+def generate_calls(fake, key: str) -> int:
+    return sum(1 for c in fake.calls if c.action == "generate" and c.key == key)
+
+
+@pytest.mark.files_only
+def test_a_cooldown_another_process_records_is_seen_through_the_change_counter_alone(cli):
+    """A server's Router trusts its snapshot while the counter in state.gen is unchanged;
+    here it trusts it for an hour, so only the counter can reveal the other process's
+    write: the next reservation must already skip the key that process found limited."""
+    import gemini_router as gr
+    router = gr.Router(gr.load_settings(cli.env), shared_rotation=False)
+    router.store.TRUST_COUNTER_SECS = 3600.0
+    try:
+        router.route(gr.PromptRequest("warm"), model=FLASH)
+        counter = (cli.state_dir / "state.gen").read_bytes()
+        assert len(counter) == 8
+        warm = generate_calls(cli.fake, KEYS[0])
+        cli.fake.set_behaviour("rate_minute", key=KEYS[0], model=FLASH, retry_delay="30s")
+        only_key1 = {"GEMINI_API_KEY_2": None, "GEMINI_API_KEY_3": None}
+        r = cli("route", "-m", FLASH, "limited", env=only_key1)
+        assert r.code == 4, r.err
+        assert generate_calls(cli.fake, KEYS[0]) == warm + 1
+        assert (cli.state_dir / "state.gen").read_bytes() != counter
+        before = generate_calls(cli.fake, KEYS[0])
+        for _ in range(4):
+            assert router.route(gr.PromptRequest("hi"), model=FLASH).key != "key#1"
+        assert generate_calls(cli.fake, KEYS[0]) == before      # not one call on key#1
+    finally:
+        router.close()
+
+
+@pytest.mark.files_only
+def test_a_hand_edit_that_skips_the_counter_is_seen_within_the_trust_window(cli):
+    """A writer that does not count (an older gemini-router, an editor) is seen once
+    TRUST_COUNTER_SECS (50 ms) have passed: then the files' signatures are checked."""
+    import gemini_router as gr
+    router = gr.Router(gr.load_settings(cli.env), shared_rotation=False)
+    try:
+        router.route(gr.PromptRequest("warm"), model=FLASH)
+        counter = (cli.state_dir / "state.gen").read_bytes()
+        path = cli.state_dir / "cooldowns.json"
+        assert not path.exists()                    # nothing was cooling
+        doc = gr.empty_doc("cooldowns")
+        doc["disabled_keys"][hashlib.sha256(KEYS[0].encode()).hexdigest()[:12]] = {
+            "reason": "revoked by hand", "since": time.time()}
+        tmp = path.with_suffix(".hand")
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, path)
+        assert (cli.state_dir / "state.gen").read_bytes() == counter     # not counted
+        time.sleep(gr.StateStore.TRUST_COUNTER_SECS + 0.02)
+        before = generate_calls(cli.fake, KEYS[0])
+        for _ in range(4):
+            assert router.route(gr.PromptRequest("hi"), model=FLASH).key != "key#1"
+        assert generate_calls(cli.fake, KEYS[0]) == before
+    finally:
+        router.close()
