@@ -10,8 +10,9 @@ The whole tool is this one module. It reads top to bottom in the order the data 
                  directory: writers hold it through ``filelock``, readers share it with
                  ``flock`` and reuse what they parsed while no file changed; one bad entry is
                  dropped, never its neighbours; files atomically replaced on write. The same
-                 interface over Redis (``RedisStateStore``: a lock with a TTL, degraded to a
-                 local copy while Redis is away), and the response cache beside the state
+                 interface over Redis (``RedisStateStore``: a lock with a TTL, the entries
+                 that expire as keys with TTLs, degraded to a local copy while Redis is
+                 away), and the response cache beside the state
   keys, client   ``key#N`` labels and sha256 fingerprints; one low-level SDK client per key
                  (never ``genai.configure``, which is process-global and sends the wrong key
                  under threads); every upstream answer classified from its raw JSON through
@@ -1074,37 +1075,217 @@ class StateStore:
 # --------------------------------------------------------------------------------------
 # The same state in Redis, shared by every process on every host
 # --------------------------------------------------------------------------------------
-# One hash `<prefix>state` holds the three documents as the JSON text the files would hold,
-# each beside its version (field "v:<name>", a random token replaced on every write). A
-# read is one Lua script: the versions, and the text of only those documents this process
-# has not parsed at that version, so an unchanged document stays the same object (the
-# Router's StateView cache keys on that) and no read is ever staler than one round trip.
-# Writers hold `<prefix>lock` (SET NX PX: a writer killed mid-transaction leaves a lock that
-# expires) and commit every changed document in one script that writes only while the lock
-# is still theirs. Documents carry key fingerprints, never a key. Cooldowns, counters and
-# strikes stay bounded as in the files: expired cooldowns are pruned on every batched
-# write, counters are one entry per (key, model), samples a rolling window per model.
+# One hash `<prefix>state` holds each document's skeleton - the JSON text the file would
+# hold, minus the entries that expire - beside its version (field "v:<name>", a random token
+# replaced on every write touching the document or its entries). The entries that expire
+# (COLLECTIONS: cooldowns; per-(key, model) call counters, "usage"; transient strikes) are
+# each their own key, `<prefix>cooldown:<id>`, `<prefix>usage:<fp>/<model>` and
+# `<prefix>strike:<fp>/<model>`, set to expire (PXAT) when the entry stops mattering, and
+# each collection is listed in a sorted set, `<prefix>index:<word>` (member: the id, score:
+# its expiry in ms), that expires with its last member - so nothing grows without bound,
+# even if no process ever writes again. A read is one Lua script: the versions and, for each
+# document this process has not parsed at that version, its skeleton and live entries, so
+# an unchanged document stays the same object (the Router's StateView cache keys on that)
+# and no read is ever staler than one round trip. An entry expiring by its TTL changes no
+# version: a reader may keep it until the next write, harmless since every reader filters
+# cooldowns, counters and strikes by time anyway. Writers hold `<prefix>lock` (SET NX PX: a
+# writer killed mid-transaction leaves a lock that expires) and commit in one script that
+# writes only while the lock is still theirs: the changed skeletons, and only the entries
+# whose text changed since the transaction read them. Both scripts take the caller's clock
+# (time.time()), the clock the entries' times were written with. Documents carry key
+# fingerprints, never a key. What stays in the hash is bounded as in the files: disabled
+# keys and learned limits, one per key or project; samples, a rolling window per model.
 
 STATE_DOCS = ("stats", "cooldowns", "router")
 
+
+def cooldown_target(entry: dict[str, Any]) -> str:
+    """What a cooldown cools, as text: one entry per (model, key) target (add_cooldown)."""
+    return json.dumps([entry.get("model"), entry.get("key")])
+
+
+def cooldown_id(entry: dict[str, Any]) -> str:
+    """A short, stable name for a cooldown's target (model and key may be None)."""
+    import hashlib
+    return hashlib.sha256(cooldown_target(entry).encode()).hexdigest()[:16]
+
+
+def _cooldown_expiry(entry: dict[str, Any], now: float, settings: Settings) -> float:
+    return entry["until"]
+
+
+def _usage_expiry(entry: dict[str, Any], now: float, settings: Settings) -> float:
+    """A call counter matters until its Pacific day ends (daily limits) and a minute after
+    its last call (per-minute limits); one of another day than today counts for nothing."""
+    ends = [max(entry.get("minute") or [0]) + 60]
+    if entry.get("day") == pacific_day(now):
+        ends.append(next_pacific_midnight(now))
+    return max(ends)
+
+
+def _strike_expiry(entry: Any, now: float, settings: Settings) -> float:
+    """Strikes older than 10 x COOLDOWN_SECS start afresh (_strike); an older version's bare
+    count, with no time, is given that long from now."""
+    return (_strike_count(entry)[1] or now) + 10 * settings.cooldown_secs
+
+
+@dataclass(frozen=True)
+class Collection:
+    """Entries of a document that expire: in Redis each is its own key `<prefix><word>:<id>`
+    expiring at `expiry(entry, now, settings)`, listed in the sorted set `<prefix>index:<word>`.
+    The document holds them as a map by id, or (`ident` given) as a list, one per id."""
+    doc: str
+    field: str
+    word: str
+    expiry: Callable[[Any, float, Settings], float]
+    ident: Callable[[dict[str, Any]], str] | None = None
+
+    def entries(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """id -> entry, of a sanitized document (of an id listed twice, the last counts)."""
+        value = doc[self.field]
+        return {self.ident(e): e for e in value} if self.ident else value
+
+    def emptied(self) -> list[Any] | dict[str, Any]:
+        return [] if self.ident else {}
+
+    def merge_into(self, doc: dict[str, Any], kept: dict[str, Any]) -> None:
+        """Add the entries Redis keeps (id -> entry) to a sanitized skeleton. An entry the
+        skeleton holds itself was written there by an older version, after every kept one
+        (a commit of this version writes the skeleton without them): it wins."""
+        inline = doc[self.field]
+        if self.ident is None:
+            doc[self.field] = {**kept, **inline}
+        else:
+            held = {self.ident(e) for e in inline}
+            doc[self.field] = inline + [e for i, e in kept.items() if i not in held]
+
+
+COLLECTIONS = (Collection("cooldowns", "cooldowns", "cooldown", _cooldown_expiry, cooldown_id),
+               Collection("router", "usage", "usage", _usage_expiry),
+               Collection("router", "strikes", "strike", _strike_expiry))
+
+
+def collections_of(name: str) -> tuple[Collection, ...]:
+    return tuple(c for c in COLLECTIONS if c.doc == name)
+
+
+def _ms(t: float) -> int:
+    """A time in whole milliseconds, rounded up: an entry never expires before its end."""
+    return math.ceil(t * 1000)
+
+
+def diff_entries(collection: Collection, doc: dict[str, Any], kept: dict[str, str],
+                 now: float, settings: Settings
+                 ) -> tuple[list[tuple[str, str, int]], list[str], dict[str, str]]:
+    """What a commit sends for one collection of `doc`, given what Redis keeps of it (id ->
+    text): (id, text, expiry ms) of each entry new or changed, the ids to delete (gone from
+    the document, or changed and already ended: never a SET with a past expiry), and id ->
+    text of what Redis keeps afterwards. An unchanged entry is not sent."""
+    now_ms = int(now * 1000)
+    upserts, deletes, after = [], [], dict(kept)
+    entries = collection.entries(doc)
+    for ident, entry in entries.items():
+        text = json.dumps(entry, separators=(",", ":"))
+        if kept.get(ident) == text:
+            continue
+        expiry = _ms(collection.expiry(entry, now, settings))
+        if expiry > now_ms:
+            upserts.append((ident, text, expiry))
+            after[ident] = text
+        elif ident in kept:
+            deletes.append(ident)
+            del after[ident]
+    for ident in kept:
+        if ident not in entries:
+            deletes.append(ident)
+            del after[ident]
+    return upserts, deletes, after
+
+
+def _kept_texts(found: list[Any]) -> dict[str, dict[str, str]]:
+    """word -> id -> text, of the (word, ids, values) triples REDIS_READ returns (an entry
+    that expired between the index and its key is left out)."""
+    kept = {}
+    for word, ids, values in zip(found[::3], found[1::3], found[2::3]):
+        texts = {_text(i): _text(v) for i, v in zip(ids, values) if v is not None}
+        if texts:
+            kept[_text(word)] = texts
+    return kept
+
+
+def _parsed_entries(texts: dict[str, str]) -> tuple[dict[str, Any], int]:
+    """id -> entry of the texts read from Redis, and how many were not JSON (dropped)."""
+    entries = {}
+    for ident, text in texts.items():
+        try:
+            entries[ident] = json.loads(text, parse_constant=_reject_constant)
+        except (ValueError, RecursionError):
+            pass
+    return entries, len(texts) - len(entries)
+
+
+# ARGV: now (ms), prefix, then per document its known version and the words of its
+# collections. Per document: {version, skeleton, then per collection: word, ids, values}
+# (only what the caller lacks; values nil for entries expired meanwhile). Reads only.
 REDIS_READ = """
-local out = {}
+local now, prefix, out = ARGV[1], ARGV[2], {}
 for i, name in ipairs({'stats', 'cooldowns', 'router'}) do
   local v = redis.call('HGET', KEYS[1], 'v:' .. name)
-  if not v then
-    out[2 * i - 1], out[2 * i] = '', ''
-  elseif v == ARGV[i] then
-    out[2 * i - 1], out[2 * i] = v, ''
+  if v and v == ARGV[1 + 2 * i] then
+    out[i] = {v, ''}
   else
-    out[2 * i - 1], out[2 * i] = v, redis.call('HGET', KEYS[1], name) or ''
+    local doc = {v or '', v and redis.call('HGET', KEYS[1], name) or ''}
+    for word in string.gmatch(ARGV[2 + 2 * i], '%S+') do
+      local ids = redis.call('ZRANGEBYSCORE', prefix .. 'index:' .. word, '(' .. now, '+inf')
+      local values = {}
+      for first = 1, #ids, 1000 do
+        local names = {}
+        for j = first, math.min(first + 999, #ids) do
+          names[#names + 1] = prefix .. word .. ':' .. ids[j]
+        end
+        local got = redis.call('MGET', unpack(names))
+        for j = 1, #names do values[#values + 1] = got[j] end
+      end
+      doc[#doc + 1], doc[#doc + 2], doc[#doc + 3] = word, ids, values
+    end
+    out[i] = doc
   end
 end
 return out
 """
+# ARGV: token, now (ms), prefix, the number of documents, then (name, skeleton, version) of
+# each; the number of collections, then per collection: word, the number of upserts, (id,
+# text, expiry ms) of each, the number of deletes, their ids. Writes only while `token`
+# holds the lock (KEYS[2]); an index drops what expired and expires with its last member.
 REDIS_COMMIT = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-for i = 2, #ARGV, 3 do
+local now, prefix, i = ARGV[2], ARGV[3], 5
+for _ = 1, tonumber(ARGV[4]) do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1], 'v:' .. ARGV[i], ARGV[i + 2])
+  i = i + 3
+end
+local collections = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, collections do
+  local word = ARGV[i]
+  local index = prefix .. 'index:' .. word
+  local upserts = tonumber(ARGV[i + 1])
+  i = i + 2
+  for _ = 1, upserts do
+    redis.call('SET', prefix .. word .. ':' .. ARGV[i], ARGV[i + 1], 'PXAT', ARGV[i + 2])
+    redis.call('ZADD', index, ARGV[i + 2], ARGV[i])
+    i = i + 3
+  end
+  local deletes = tonumber(ARGV[i])
+  i = i + 1
+  for _ = 1, deletes do
+    redis.call('DEL', prefix .. word .. ':' .. ARGV[i])
+    redis.call('ZREM', index, ARGV[i])
+    i = i + 1
+  end
+  redis.call('ZREMRANGEBYSCORE', index, '-inf', now)
+  local last = redis.call('ZRANGE', index, -1, -1, 'WITHSCORES')
+  if last[2] then redis.call('PEXPIREAT', index, last[2]) else redis.call('DEL', index) end
 end
 return 1
 """
@@ -1122,17 +1303,30 @@ def open_store(settings: Settings) -> StateStore | RedisStateStore:
     return StateStore(settings)
 
 
+@dataclass(frozen=True)
+class _Read:
+    """One document as this process last read (or wrote) it in Redis."""
+    version: str                 # "": Redis has none; "local": this process's copy (degraded)
+    # Its JSON text; None: Redis holds none (an empty one need not be written); "": the next
+    # writer must rewrite it, even empty (entries were dropped, or held inline).
+    text: str | None
+    doc: dict[str, Any]
+    # Per collection (its word), id -> the text of the entry's own key: what a commit diffs
+    # against, so an unchanged entry is never rewritten.
+    kept: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
 class _Snapshot:
     """What one Redis write transaction loads from (the documents as read under the lock)
     and what StateTransaction.commit hands back (written together, in one script)."""
 
-    def __init__(self, entries: dict[str, tuple[str, str | None, dict[str, Any]]]):
+    def __init__(self, entries: dict[str, _Read]):
         self.entries = entries
         self.changed: dict[str, str] = {}
 
     def load(self, name: str, write: bool = True) -> tuple[str | None, dict[str, Any]]:
-        _, text, doc = self.entries[name]
-        return text, _copy(doc)
+        read = self.entries[name]
+        return read.text, _copy(read.doc)
 
     def write(self, name: str, text: str, doc: dict[str, Any] | None = None) -> None:
         self.changed[name] = text
@@ -1164,7 +1358,7 @@ class RedisStateStore:
         self.lock_ttl = max(1.0, settings.lock_timeout)
         self.degraded = False
         self.degraded_reason: str | None = None
-        self._docs: dict[str, tuple[str, str | None, dict[str, Any]]] = {}
+        self._docs: dict[str, _Read] = {}
         self._local: dict[str, dict[str, dict[str, Any]]] | None = None   # base, mine
         self._mutex = threading.RLock()      # _docs, _local and the degraded flag
         self._writer = threading.Lock()      # one writer of this process at a time
@@ -1248,7 +1442,7 @@ class RedisStateStore:
         commits every changed document at once."""
         self._maybe_resync()
         if not write:
-            yield StateTransaction(None, docs={n: e[2] for n, e in self._current().items()},
+            yield StateTransaction(None, docs={n: e.doc for n, e in self._current().items()},
                                    write=False)
             return
         if not self._writer.acquire(timeout=self.settings.lock_timeout):
@@ -1298,7 +1492,7 @@ class RedisStateStore:
             if token is not None:
                 self._release(self.listing_key, token)
 
-    def _current(self) -> dict[str, tuple[str, str | None, dict[str, Any]]]:
+    def _current(self) -> dict[str, _Read]:
         """The documents: as Redis holds them, or this process's copy while degraded."""
         while True:
             if not self.degraded:
@@ -1308,10 +1502,9 @@ class RedisStateStore:
                     self._degrade(exc)
             with self._mutex:
                 if self._local is not None:
-                    return {n: ("local", None, d) for n, d in self._local["mine"].items()}
+                    return {n: _Read("local", None, d) for n, d in self._local["mine"].items()}
 
-    def _begin_write(self) -> tuple[str | None, dict[str, tuple[str, str | None,
-                                                                 dict[str, Any]]]]:
+    def _begin_write(self) -> tuple[str | None, dict[str, _Read]]:
         """(the lock's token, the documents now); (None, this process's copy) if degraded."""
         if not self.degraded:
             token = None
@@ -1325,10 +1518,10 @@ class RedisStateStore:
                     self._release(self.lock_key, token)
                 self._degrade(exc)
         with self._mutex:
-            return None, {n: ("local", json.dumps(d, separators=(",", ":")), d)
+            return None, {n: _Read("local", json.dumps(d, separators=(",", ":")), d)
                           for n, d in self._local["mine"].items()}
 
-    def _commit(self, token: str | None, entries: dict[str, Any], changed: dict[str, str]
+    def _commit(self, token: str | None, entries: dict[str, _Read], changed: dict[str, str]
                 ) -> None:
         if token is None:
             with self._mutex:
@@ -1337,27 +1530,44 @@ class RedisStateStore:
                     return
             token = ""              # back on Redis meanwhile: merge, below
         try:
-            if token and self._write_docs(token, changed):
+            if token and self._write_docs(token, changed, entries):
                 return
             # The lock expired under a stalled writer (or Redis came back): apply this
             # transaction's changes to what Redis holds now, never over it.
-            self._merge_into_redis({n: e[2] for n, e in entries.items()},
-                                   {n: json.loads(changed[n]) if n in changed else e[2]
+            self._merge_into_redis({n: e.doc for n, e in entries.items()},
+                                   {n: json.loads(changed[n]) if n in changed else e.doc
                                     for n, e in entries.items()})
         except self._lost as exc:
             # Written or not, Redis is away: this process keeps the change, merged later.
             self._degrade(exc, entries, changed)
 
-    def _write_docs(self, token: str, changed: dict[str, str]) -> bool:
-        """Write documents in one script, only while `token` holds the lock."""
+    def _write_docs(self, token: str, changed: dict[str, str], read: dict[str, _Read]
+                    ) -> bool:
+        """Write documents in one script, only while `token` holds the lock: their
+        skeletons, and of their collections only what changed since `read` (diff_entries)."""
+        now = time.time()
         versions = {name: os.urandom(8).hex() for name in changed}
-        args = [token] + [x for name, text in changed.items()
-                          for x in (name, text, versions[name])]
+        docs = {name: json.loads(text) for name, text in changed.items()}
+        skeletons: list[Any] = []
+        entries: list[Any] = []
+        kept: dict[str, dict[str, dict[str, str]]] = {name: {} for name in changed}
+        for name, doc in docs.items():
+            skeleton = dict(doc)
+            for c in collections_of(name):
+                skeleton[c.field] = c.emptied()
+                upserts, deletes, kept[name][c.word] = diff_entries(
+                    c, doc, read[name].kept.get(c.word, {}), now, self.settings)
+                entries += [c.word, len(upserts), *(x for u in upserts for x in u),
+                            len(deletes), *deletes]
+            skeletons += [name, json.dumps(skeleton, separators=(",", ":")), versions[name]]
+        n_collections = sum(len(collections_of(name)) for name in changed)
+        args = [token, int(now * 1000), self.settings.redis_prefix, len(changed), *skeletons,
+                n_collections, *entries]
         if not self._scripts["commit"](keys=[self.state_key, self.lock_key], args=args):
             return False
         with self._mutex:
             for name, text in changed.items():
-                self._docs[name] = (versions[name], text, json.loads(text))
+                self._docs[name] = _Read(versions[name], text, docs[name], kept[name])
         return True
 
     def _merge_into_redis(self, base: dict[str, dict[str, Any]],
@@ -1370,13 +1580,15 @@ class RedisStateStore:
             raise self._lock_timeout()
         try:
             changed = {}
-            for name, (version, text, theirs) in self._fetch().items():
+            held = self._fetch()
+            for name, theirs in held.items():
                 merged = merge_doc(name, base[name], mine[name],
-                                   theirs if version else base[name], self.settings)
+                                   theirs.doc if theirs.version else base[name], self.settings)
                 merged_text = json.dumps(merged, separators=(",", ":"))
-                if merged_text != text and (text is not None or merged != empty_doc(name)):
+                if merged_text != theirs.text and \
+                        (theirs.text is not None or merged != empty_doc(name)):
                     changed[name] = merged_text
-            if changed and not self._write_docs(token, changed):
+            if changed and not self._write_docs(token, changed, held):
                 raise ConfigError(f"state lock {self.lock_key} in Redis at {self.url} expired "
                                   "during a write (GEMINI_ROUTER_LOCK_TIMEOUT)")
         finally:
@@ -1384,46 +1596,68 @@ class RedisStateStore:
 
     # --- reads ------------------------------------------------------------------------
 
-    def _fetch(self) -> dict[str, tuple[str, str | None, dict[str, Any]]]:
-        """Every document as Redis holds it now, read atomically: (version, text or None
-        when it must be rewritten, document); one parsed before at this version is the
-        same object as before."""
+    def _fetch(self) -> dict[str, _Read]:
+        """Every document as Redis holds it now, read atomically (skeleton and live entries);
+        one parsed before at this version is the same object as before."""
         with self._mutex:
             known = dict(self._docs)
-        reply = self._scripts["read"](keys=[self.state_key],
-                                      args=[known[n][0] if n in known else "" for n in STATE_DOCS])
+        args: list[Any] = [int(time.time() * 1000), self.settings.redis_prefix]
+        for name in STATE_DOCS:
+            args += [known[name].version if name in known else "",
+                     " ".join(c.word for c in collections_of(name))]
+        reply = self._scripts["read"](keys=[self.state_key], args=args)
         entries = {}
-        for i, name in enumerate(STATE_DOCS):
-            version, body = _text(reply[2 * i]), reply[2 * i + 1]
+        for name, (version, body, *found) in zip(STATE_DOCS, reply):
+            version, kept = _text(version), _kept_texts(found)
             old = known.get(name)
-            if old is not None and old[0] == version:
+            # No version: nothing of this version wrote the document (new, or lost); any
+            # entries kept without it are still read, so a writer replaces them.
+            if old is not None and old.version == version and (version or old.kept == kept):
                 entries[name] = old
-            elif not version or not body:
-                entries[name] = ("", None, empty_doc(name))
+            elif not version and not kept:
+                entries[name] = _Read("", None, empty_doc(name))
             else:
-                entries[name] = (version, *self._parse(name, body, version))
+                entries[name] = self._parse(name, body, version, kept)
         with self._mutex:
             self._docs.update(entries)
         return entries
 
-    def _parse(self, name: str, raw: bytes, version: str) -> tuple[str | None, dict[str, Any]]:
+    def _parse(self, name: str, body: bytes, version: str,
+               kept: dict[str, dict[str, str]]) -> _Read:
+        """A document from its skeleton and the entries Redis keeps of its collections,
+        each through the sanitizer the files go through: a bad entry is dropped, a skeleton
+        this version cannot use is set aside and replaced by an empty one."""
         where = f"state in Redis at {self.url} ({self.state_key} {name})"
-        checked = checked_doc(name, raw, where, "document",
-                              "set another GEMINI_ROUTER_REDIS_PREFIX")
-        if isinstance(checked, str):
-            if self._first_time(name, version):
-                aside = f"{self.settings.redis_prefix}corrupt:{name}:{version}"
-                with contextlib.suppress(*self._lost):
-                    self._redis.set(aside, raw, ex=30 * 86400, nx=True)
-                warn(f"{where} {checked}; kept it as {aside} (for 30 days) and started afresh")
-            return None, empty_doc(name)
-        clean, dropped = checked
-        if dropped:
-            if self._first_time(name, version):
-                warn(f"{where}: dropped {dropped} unreadable entr"
-                     f"{'y' if dropped == 1 else 'ies'}, kept the rest")
-            return None, clean
-        return _text(raw), clean
+        checked = checked_doc(name, body, where, "document",
+                              "set another GEMINI_ROUTER_REDIS_PREFIX") if body \
+            else (empty_doc(name), 0)
+        unusable = isinstance(checked, str)
+        if unusable:
+            self._set_aside(name, version, body, f"{where} {checked}")
+            checked = (empty_doc(name), 0)
+        doc, dropped = checked
+        # Entries held inline (an older version wrote them) move to their own keys.
+        rewrite = unusable or any(doc[c.field] for c in collections_of(name))
+        if kept:
+            for c in collections_of(name):
+                found, bad = _parsed_entries(kept.get(c.word, {}))
+                c.merge_into(doc, found)
+                dropped += bad
+            doc, bad = sanitize_doc(name, doc)     # a clean skeleton stays usable
+            dropped += bad
+        if dropped and self._first_time(name, version):
+            warn(f"{where}: dropped {dropped} unreadable entr"
+                 f"{'y' if dropped == 1 else 'ies'}, kept the rest")
+        text = "" if rewrite or dropped else json.dumps(doc, separators=(",", ":"))
+        return _Read(version, text, doc, kept)
+
+    def _set_aside(self, name: str, version: str, raw: bytes, why: str) -> None:
+        """Keep a skeleton this version cannot use for 30 days (once per version)."""
+        if self._first_time(name, version):
+            aside = f"{self.settings.redis_prefix}corrupt:{name}:{version}"
+            with contextlib.suppress(*self._lost):
+                self._redis.set(aside, raw, ex=30 * 86400, nx=True)
+            warn(f"{why}; kept it as {aside} (for 30 days) and started afresh")
 
     def _first_time(self, name: str, version: str) -> bool:
         """Once per document version and process: a warning is not repeated per read."""
@@ -1466,7 +1700,7 @@ class RedisStateStore:
         `changed`, a transaction's changes that Redis may not have got are kept in it."""
         with self._mutex:
             if self._local is None:
-                last = {n: self._docs[n][2] if n in self._docs else empty_doc(n)
+                last = {n: self._docs[n].doc if n in self._docs else empty_doc(n)
                         for n in STATE_DOCS}
                 self._local = {"base": {n: _copy(d) for n, d in last.items()},
                                "mine": {n: _copy(d) for n, d in last.items()}}
@@ -1477,7 +1711,7 @@ class RedisStateStore:
             self._retry_at = time.monotonic() + self.RETRY_EVERY
             mine = self._local["mine"]
             for name, text in (changed or {}).items():
-                mine[name] = merge_doc(name, entries[name][2], json.loads(text), mine[name],
+                mine[name] = merge_doc(name, entries[name].doc, json.loads(text), mine[name],
                                        self.settings)
 
     def _maybe_resync(self) -> None:
@@ -1554,7 +1788,7 @@ def merge_doc(name: str, base: dict[str, Any], mine: dict[str, Any], theirs: dic
         return out
     if name == "cooldowns":
         def by_target(doc: dict[str, Any]) -> dict[str, Any]:
-            return {json.dumps([e.get("model"), e.get("key")]): e for e in doc["cooldowns"]}
+            return {cooldown_target(e): e for e in doc["cooldowns"]}
         merged = _merge_map(by_target(base), by_target(mine), by_target(out),
                             lambda was, m, t: m if m.get("since", 0) >= t.get("since", 0) else t)
         out["cooldowns"] = list(merged.values())

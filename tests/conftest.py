@@ -121,17 +121,46 @@ def redis_prefix(state_dir: Path) -> str:
     return "t" + hashlib.sha256(str(state_dir).encode()).hexdigest()[:12] + ":"
 
 
+# In Redis the entries that expire are keys of their own, `PREFIX <word>:<id>`, listed in the
+# sorted set `PREFIX index:<word>`: (document, field, word); a list field holds cooldowns.
+REDIS_COLLECTIONS = (("cooldowns", "cooldowns", "cooldown"), ("router", "usage", "usage"),
+                     ("router", "strikes", "strike"))
+
+
 def read_state(state_dir: Path, name: str) -> dict:
-    """One state document as stored ({} when there is none), files or Redis."""
+    """One state document as stored ({} when there is none), files or Redis (there: the
+    skeleton in the hash with the entries kept under their own keys put back in)."""
     if BACKEND["server"] is not None:
-        raw = BACKEND["server"].client().hget(redis_prefix(state_dir) + "state", name)
-        return json.loads(raw) if raw else {}
+        return read_redis_doc(BACKEND["server"].client(), redis_prefix(state_dir), name)
     path = state_dir / STATE_FILES[name]
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def redis_entries(client, prefix: str, word: str) -> dict[str, object]:
+    """id -> entry of one collection kept in Redis (those whose key is still there)."""
+    ids = [i.decode() for i in client.zrange(f"{prefix}index:{word}", 0, -1)]
+    values = client.mget([f"{prefix}{word}:{i}" for i in ids]) if ids else []
+    return {i: json.loads(v) for i, v in zip(ids, values) if v is not None}
+
+
+def read_redis_doc(client, prefix: str, name: str) -> dict:
+    raw = client.hget(prefix + "state", name)
+    doc = json.loads(raw) if raw else {}
+    for doc_name, field, word in REDIS_COLLECTIONS:
+        kept = redis_entries(client, prefix, word) if doc_name == name else {}
+        if not kept:
+            continue
+        if field == "cooldowns":
+            doc[field] = doc.get(field, []) + list(kept.values())
+        else:
+            doc[field] = {**kept, **doc.get(field, {})}
+    return doc
+
+
 def write_state(state_dir: Path, name: str, doc: dict) -> None:
-    """Store one state document as an older version (or another host) would have."""
+    """Store one state document as an older version (or another host) would have (in
+    Redis: the previous layout, every entry inside the hash; entries already kept under
+    their own keys stay, and are read with it)."""
     if BACKEND["server"] is not None:
         BACKEND["server"].client().hset(redis_prefix(state_dir) + "state", mapping={
             name: json.dumps(doc), f"v:{name}": os.urandom(8).hex()})

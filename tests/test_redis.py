@@ -16,10 +16,15 @@ route/failure suites run on Redis too with `pytest --state-backend=redis` (see c
      middle of a reservation leaves no stuck lock; an answer is printed when its recording
      cannot get the lock; bad entries in Redis dropped, a bad document set aside
   5. moving over: files -> state export -> state import into Redis -> the same keys/cooldowns
+  6. TTLs: cooldowns, call counters and strikes are keys of their own that Redis expires when
+     they stop mattering (exact PEXPIRETIMEs), their indexes with their last member; after a
+     mixed run only `PREFIX state` has no TTL; a Redis of the previous layout is read, then
+     moved; a commit is one script and rewrites only the entries that changed
 """
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
 import subprocess
@@ -31,7 +36,8 @@ from pathlib import Path
 import pytest
 
 import gemini_router as gr
-from conftest import KEYS, ROOT, CLI, RedisServer, base_env, route_while_state_is_locked
+from conftest import (KEYS, ROOT, CLI, RedisServer, base_env, redis_entries,
+                      route_while_state_is_locked)
 
 FLASH = "gemini-2.5-flash"
 FLASH20 = "gemini-2.0-flash"
@@ -60,8 +66,14 @@ def on_redis(cli: CLI, server: RedisServer, prefix: str | None = None) -> CLI:
 
 
 def stored(server: RedisServer, name: str, prefix: str = PREFIX) -> dict:
+    """A document's skeleton, as the hash `PREFIX state` holds it."""
     raw = server.client().hget(prefix + "state", name)
     return json.loads(raw) if raw else {}
+
+
+def kept(server: RedisServer, word: str, prefix: str = PREFIX) -> dict:
+    """id -> entry of the expiring entries kept under their own keys (`PREFIX <word>:<id>`)."""
+    return redis_entries(server.client(), prefix, word)
 
 
 def settings_for(state_dir: Path, fake, server: RedisServer, keys=KEYS[:2],
@@ -253,7 +265,7 @@ def test_the_lock_and_cached_answers_carry_ttls_the_state_none(fake, tmp_path, r
     assert redis_server.client().exists(PREFIX + "lock") == 0   # released after the write
     assert store.cache.put("ab" * 32, {"text": "x"}, ttl=50)
     assert 45 < redis_server.client().ttl(PREFIX + "cache:" + "ab" * 32) <= 50
-    assert redis_server.client().ttl(PREFIX + "state") == -1    # kept: pruned, not expired
+    assert redis_server.client().ttl(PREFIX + "state") == -1    # bounded; see section 6
 
 
 # --------------------------------------------------------------------------------------
@@ -373,7 +385,8 @@ def test_redis_lost_while_a_router_runs_degrades_then_merges_back(fake, tmp_path
     # what the router learned while Redis was away is in Redis now
     samples = stored(server, "stats")["models"][FLASH]
     assert [s["key"] for s in samples] == [fp(K1)] + [fp(K2)] * 4
-    [cooldown] = stored(server, "cooldowns")["cooldowns"]
+    assert stored(server, "cooldowns")["cooldowns"] == []
+    [cooldown] = kept(server, "cooldown").values()
     assert (cooldown["key"], cooldown["kind"]) == (fp(K1), "rate_limited")
 
 
@@ -507,7 +520,8 @@ def test_a_bad_entry_in_redis_is_dropped_and_a_bad_document_set_aside(cli, fake,
     assert sorted(((e["model"], e["kind"]) for e in listed.json()), key=str) == \
         [(FLASH20, "rate_limited"), (None, "disabled")]
     assert cli("route", "-m", FLASH, "hi").code == 0          # a writer saves it cleaned
-    assert len(stored(redis_server, "cooldowns")["cooldowns"]) == 1
+    assert stored(redis_server, "cooldowns")["cooldowns"] == []
+    assert [e["reason"] for e in kept(redis_server, "cooldown").values()] == ["kept"]
     r.hset(PREFIX + "state", mapping={"router": "{not json", "v:router": "broken"})
     listed = cli("cooldowns")
     assert listed.code == 0
@@ -611,3 +625,220 @@ def test_two_gateways_on_one_redis_spend_one_call_on_a_limited_pair(fake, tmp_pa
     finally:
         for gateway in gateways:
             assert gateway.stop(signal.SIGTERM) == 0
+
+
+# --------------------------------------------------------------------------------------
+# 6. Entries that expire carry Redis TTLs (issue 15 item 2)
+# --------------------------------------------------------------------------------------
+
+def ms(t: float) -> int:
+    """A time in whole milliseconds, rounded up, as the expiry of an entry is set."""
+    return math.ceil(t * 1000)
+
+
+def cooldown_key(model: str | None, key: str | None, prefix: str = PREFIX) -> str:
+    """The documented key of a cooldown: sha256 of the JSON [model, key fingerprint], 16 hex."""
+    import hashlib
+    return prefix + "cooldown:" + hashlib.sha256(json.dumps([model, key]).encode()
+                                                 ).hexdigest()[:16]
+
+
+def next_midnight_pacific(day: str) -> float:
+    """The end of a Pacific day, computed without the module."""
+    from datetime import date, datetime, timedelta
+    from zoneinfo import ZoneInfo
+    end = date.fromisoformat(day) + timedelta(days=1)
+    return datetime(end.year, end.month, end.day,
+                    tzinfo=ZoneInfo("America/Los_Angeles")).timestamp()
+
+
+def command_calls(server: RedisServer, command: str) -> int:
+    """How many times Redis ran `command` (scripts' calls included), from INFO commandstats."""
+    return server.client().info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0)
+
+
+def test_a_cooldown_is_its_own_key_expiring_when_it_ends(cli, fake, redis_server):
+    on_redis(cli, redis_server)
+    r = redis_server.client()
+    fake.set_behaviour("rate_minute", key=K1, model=FLASH, retry_delay="30s")
+    routed = cli("route", "--json", "-m", FLASH, "hi")
+    assert [(a["key"], a["outcome"]) for a in routed.json()["attempts"]] == \
+        [("key#1", "rate_limited"), ("key#2", "ok")]
+    name = cooldown_key(FLASH, fp(K1))
+    entry = json.loads(r.get(name))
+    assert (entry["model"], entry["key"], entry["kind"]) == (FLASH, fp(K1), "rate_limited")
+    assert entry["until"] - entry["since"] == 30
+    assert r.pexpiretime(name) == ms(entry["until"])
+    assert r.zrange(PREFIX + "index:cooldown", 0, -1, withscores=True) == \
+        [(name.removeprefix(PREFIX + "cooldown:").encode(), ms(entry["until"]))]
+    assert r.pexpiretime(PREFIX + "index:cooldown") == ms(entry["until"])
+    assert stored(redis_server, "cooldowns")["cooldowns"] == []       # none in the hash
+    listed = cli("cooldowns", "--json").json()
+    assert [(e["key"], e["model"], e["until"]) for e in listed] == \
+        [("key#1", FLASH, round(entry["until"], 3))]
+    assert cli("cooldowns", "--clear", "key#1").code == 0
+    assert (r.exists(name), r.exists(PREFIX + "index:cooldown")) == (0, 0)
+    assert cli("cooldowns", "--json").json() == []
+
+
+def test_a_cooldown_that_ends_is_gone_from_redis_with_no_process_writing(cli, fake, tmp_path,
+                                                                        redis_server):
+    r = redis_server.client()
+    fake.set_behaviour("rate_minute", key=K1, model=FLASH, retry_delay="1s")
+    router = gr.Router(settings_for(tmp_path / "r", fake, redis_server), shared_rotation=False)
+    try:                                 # in this process: a command's start-up takes ~1 s
+        assert router.route(gr.PromptRequest("hi"), model=FLASH).key == "key#2"
+    finally:
+        router.close()
+    name = cooldown_key(FLASH, fp(K1))
+    until = json.loads(r.get(name))["until"]
+    assert until - time.time() < 1
+    assert r.exists(PREFIX + "index:cooldown") == 1
+    scripts = command_calls(redis_server, "evalsha")
+    time.sleep(max(0.0, until - time.time()) + 0.2)
+    assert command_calls(redis_server, "evalsha") == scripts         # nobody wrote meanwhile
+    assert (r.exists(name), r.exists(PREFIX + "index:cooldown")) == (0, 0)
+    assert on_redis(cli, redis_server)("cooldowns", "--json").json() == []
+
+
+def test_call_counters_and_strikes_expire_when_they_stop_counting(cli, fake, redis_server):
+    on_redis(cli, redis_server)
+    r = redis_server.client()
+    paced = {"GEMINI_ROUTER_RPM": "5", "COOLDOWN_SECS": "45"}
+    assert cli("route", "-m", FLASH, "hi", env=paced).code == 0
+    name = f"{PREFIX}usage:{fp(K1)}/{FLASH}"
+    usage = json.loads(r.get(name))
+    assert usage["count"] == 1 and len(usage["minute"]) == 1
+    expected = max(ms(next_midnight_pacific(usage["day"])), ms(usage["minute"][-1] + 60))
+    assert r.pexpiretime(name) == expected
+    assert r.zscore(PREFIX + "index:usage", f"{fp(K1)}/{FLASH}") == expected
+    assert stored(redis_server, "router")["usage"] == {}
+    fake.set_behaviour("unavailable", key=K2, model=FLASH)
+    r503 = cli("route", "--json", "-m", FLASH, "again", env=paced)
+    assert [(a["key"], a["outcome"]) for a in r503.json()["attempts"]] == \
+        [("key#2", "transient"), ("key#1", "ok")]
+    name = f"{PREFIX}strike:{fp(K2)}/{FLASH}"
+    strike = json.loads(r.get(name))
+    assert strike["n"] == 1
+    assert r.pexpiretime(name) == ms(strike["t"] + 10 * 45)
+    assert r.pexpiretime(PREFIX + "index:strike") == ms(strike["t"] + 10 * 45)
+    assert stored(redis_server, "router")["strikes"] == {}
+
+
+def test_every_key_but_the_state_hash_has_a_ttl_after_a_mixed_run(fake, tmp_path,
+                                                                 redis_server):
+    cli = on_redis(CLI(fake, tmp_path / "mixed", KEYS), redis_server)
+    r = redis_server.client()
+    fake.set_behaviour("rate_minute", key=K1, model=FLASH, retry_delay="300s")
+    fake.set_behaviour("rate_day", key=K2, model=FLASH20)
+    fake.set_behaviour("unavailable", key=K3, model=FLASH)
+    fake.set_behaviour("unavailable", key=K2, model=FLASH, times=1)
+    for argv in (["-m", FLASH, "one"], ["-m", FLASH20, "two"], ["--cache", "three"],
+                 ["-m", FLASH, "four"]):
+        assert cli("route", *argv, env={"GEMINI_ROUTER_RPM": "9"}).code in (0, 4)
+    found = {k.decode(): r.pttl(k) for k in r.scan_iter(match=PREFIX + "*", count=1000)}
+    kinds = {k.removeprefix(PREFIX).split(":")[0] for k in found}
+    assert kinds == {"state", "cooldown", "usage", "strike", "index", "cache"}, found
+    assert {k for k in found if k.startswith(PREFIX + "index:")} == \
+        {PREFIX + "index:cooldown", PREFIX + "index:usage", PREFIX + "index:strike"}
+    assert [k for k, ttl in found.items() if ttl <= 0] == [PREFIX + "state"]
+    assert found[PREFIX + "state"] == -1                              # no TTL: kept
+
+
+def test_a_redis_written_by_the_previous_version_is_read_then_moved_to_keys(
+        fake, tmp_path, redis_server):
+    """The previous layout: every entry inline in the documents of `PREFIX state`."""
+    cli = on_redis(CLI(fake, tmp_path / "old", KEYS), redis_server)
+    r = redis_server.client()
+    assert cli("models").code == 0                                   # the model list
+    now = time.time()
+    cooldowns = {"schema": 1, "kind": "gemini-router/cooldowns",
+                 "cooldowns": [{"model": FLASH, "key": fp(K1), "until": now + 600,
+                                "since": now, "reason": "rate limited (old)",
+                                "kind": "rate_limited", "scope": "pair"}],
+                 "disabled_keys": {fp(K2): {"reason": "API key not valid", "since": now}}}
+    router = stored(redis_server, "router")
+    today, yesterday = gr.pacific_day(now), gr.pacific_day(now - 86400)
+    router["usage"] = {f"{fp(K3)}/{FLASH20}": {"day": today, "count": 7},
+                       f"{fp(K1)}/{FLASH20}": {"day": yesterday, "count": 3}}
+    router["strikes"] = {f"{fp(K1)}/{FLASH20}": 2}                  # an old bare count
+    r.hset(PREFIX + "state", mapping={
+        "cooldowns": json.dumps(cooldowns), "v:cooldowns": "old-version-1",
+        "router": json.dumps(router), "v:router": "old-version-2"})
+    listed = cli("cooldowns", "--json")
+    assert listed.code == 0 and listed.err == ""
+    assert sorted((e["key"], e["model"], e["reason"]) for e in listed.json()) == \
+        [("key#1", FLASH, "rate limited (old)"), ("key#2", None, "API key not valid")]
+    assert r.hget(PREFIX + "state", "v:cooldowns") == b"old-version-1"   # a read wrote nothing
+    routed = cli("route", "--json", "-m", FLASH, "hi")
+    assert (routed.code, routed.json()["key"]) == (0, "key#3")
+    assert fake.count(key=K1, action="generate") == fake.count(key=K2, action="generate") == 0
+    skeleton = stored(redis_server, "cooldowns")
+    assert skeleton["cooldowns"] == [] and list(skeleton["disabled_keys"]) == [fp(K2)]
+    name = cooldown_key(FLASH, fp(K1))
+    assert json.loads(r.get(name))["reason"] == "rate limited (old)"
+    assert r.pexpiretime(name) == ms(now + 600)
+    assert stored(redis_server, "router")["usage"] == {}
+    assert stored(redis_server, "router")["strikes"] == {}
+    # today's count moved, yesterday's (of no use) did not; the answer on key#3 is counted
+    usage = kept(redis_server, "usage")
+    assert {pair: u["count"] for pair, u in usage.items()} == \
+        {f"{fp(K3)}/{FLASH20}": 7, f"{fp(K3)}/{FLASH}": 1}
+    assert r.pexpiretime(f"{PREFIX}usage:{fp(K3)}/{FLASH20}") == \
+        ms(next_midnight_pacific(today))
+    assert kept(redis_server, "strike") == {f"{fp(K1)}/{FLASH20}": 2}
+    assert 0 < r.pttl(f"{PREFIX}strike:{fp(K1)}/{FLASH20}") <= 10 * 60 * 1000
+    after = cli("cooldowns", "--json").json()
+    assert sorted((e["key"], e["model"]) for e in after) == [("key#1", FLASH), ("key#2", None)]
+
+
+def test_a_commit_sends_only_the_entries_that_changed_in_one_script(fake, tmp_path,
+                                                                   redis_server):
+    """1500 cooldowns (50 keys x 30 models) are one script call; a later transaction that
+    changes one entry rewrites that one only."""
+    store = gr.open_store(settings_for(tmp_path / "big", fake, redis_server))
+    r = redis_server.client()
+    with store.transaction() as tx:
+        tx.router["lock"] = FLASH                           # the scripts are loaded now
+    now = time.time()
+    sets, scripts = command_calls(redis_server, "set"), command_calls(redis_server, "evalsha")
+    with store.transaction() as tx:
+        for k in range(50):
+            for m in range(30):
+                gr.add_cooldown(tx.cooldowns, f"model-{m}", f"key-{k}", now + 600 + k,
+                                "busy", "rate_limited", now)
+    assert command_calls(redis_server, "evalsha") - scripts == 3   # read, commit, release
+    assert command_calls(redis_server, "set") - sets == 1 + 1500   # the lock, each entry
+    assert r.zcard(PREFIX + "index:cooldown") == 1500
+    assert r.pexpiretime(PREFIX + "index:cooldown") == ms(now + 600 + 49)
+    marker = cooldown_key("model-0", "key-0")
+    r.pexpireat(marker, ms(now + 3600))                 # rewritten, it would lose this
+    sets = command_calls(redis_server, "set")
+    with store.transaction() as tx:
+        gr.add_cooldown(tx.cooldowns, "model-1", "key-0", now + 900, "longer", "rate_limited",
+                        now)
+    assert command_calls(redis_server, "set") - sets == 1 + 1
+    assert r.pexpiretime(cooldown_key("model-1", "key-0")) == ms(now + 900)
+    assert r.pexpiretime(marker) == ms(now + 3600)
+    with store.transaction(write=False) as tx:
+        assert len(tx.cooldowns["cooldowns"]) == 1500
+
+
+def test_a_bad_entry_under_its_own_key_is_dropped_and_removed_by_the_next_write(
+        cli, fake, redis_server):
+    on_redis(cli, redis_server)
+    r = redis_server.client()
+    fake.set_behaviour("rate_minute", key=K1, model=FLASH, retry_delay="300s")
+    assert cli("route", "-m", FLASH, "hi").code == 0
+    good = cooldown_key(FLASH, fp(K1))
+    bad = PREFIX + "cooldown:0123456789abcdef"
+    r.set(bad, "{not json", px=60_000)
+    r.zadd(PREFIX + "index:cooldown", {"0123456789abcdef": ms(time.time() + 60)})
+    r.hset(PREFIX + "state", "v:cooldowns", "changed-by-hand")
+    listed = cli("cooldowns", "--json")
+    assert "dropped 1 unreadable entry, kept the rest" in listed.err
+    assert [(e["key"], e["model"]) for e in listed.json()] == [("key#1", FLASH)]
+    fake.set_behaviour("rate_minute", key=K2, model=FLASH20, retry_delay="300s")
+    assert cli("route", "-m", FLASH20, "hi").code == 0                  # a writer
+    assert (r.exists(bad), r.zscore(PREFIX + "index:cooldown", "0123456789abcdef")) == (0, None)
+    assert r.exists(good) == 1
