@@ -4124,6 +4124,9 @@ class Router:
             if not view.paced(key, model):
                 return model, key, soft, False
             with self.store.transaction() as tx:
+                # The clock again, under the lock: a stamp another process counted while this
+                # one waited for the lock is later than `now` above, and would not count.
+                now = time.time()
                 self._flush_into(tx)
                 view = StateView(self.settings, tx.cooldowns, tx.router)
                 blocked = view.block(key, model, now)
