@@ -709,3 +709,42 @@ def test_a_hand_edit_that_skips_the_counter_is_seen_within_the_trust_window(cli)
         assert generate_calls(cli.fake, KEYS[0]) == before
     finally:
         router.close()
+
+
+@pytest.mark.files_only
+def test_routers_queued_on_the_lock_spend_the_last_call_of_a_ceiling_once(cli):
+    """Eight routers (each its own store, as eight processes would be) reach the same
+    (key, model) under GEMINI_ROUTER_RPM=1 while the state lock is held, then queue for it.
+    Whatever order they get it in, only the first spends the call: each one judges the
+    window with the clock read under the lock, so a call counted by a router that got the
+    lock first is never 'later than now'."""
+    import threading
+    import gemini_router as gr
+    env = {**cli.env, "GEMINI_ROUTER_RPM": "1"}
+    for name in ("GEMINI_API_KEY_2", "GEMINI_API_KEY_3"):
+        env.pop(name, None)
+    routers = [gr.Router(gr.load_settings(env), shared_rotation=False) for _ in range(8)]
+    routers[0].models_now()                       # the model list, listed once and cached
+    for router in routers:
+        router.models_now()
+    outcomes: list[str] = []
+
+    def route(router) -> None:
+        try:
+            outcomes.append(router.route(gr.PromptRequest("hi"), model=FLASH).key)
+        except gr.NothingAvailable as exc:
+            outcomes.append(f"exit {exc.exit_code}")
+    lock = filelock.FileLock(str(cli.state_dir / "state.lock"))
+    with lock:
+        threads = [threading.Thread(target=route, args=(r,)) for r in routers]
+        for t in threads:
+            t.start()
+            time.sleep(0.05)                      # each reads its clock before the next
+        time.sleep(0.3)
+        assert outcomes == []                     # all eight wait for the lock
+    for t in threads:
+        t.join(30)
+    for router in routers:
+        router.close()
+    assert sorted(outcomes) == ["exit 4"] * 7 + ["key#1"]
+    assert generate_calls(cli.fake, KEYS[0]) == 1
