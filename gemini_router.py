@@ -3875,10 +3875,11 @@ def cached_model_list(router_doc: dict[str, Any], settings: Settings,
 def resolve_model(name: str, models: list[dict[str, Any]]) -> str:
     """A user-given model name, validated against the list (with or without 'models/')."""
     wanted = bare_model(name.strip())
-    names = set(text_model_names(models))
-    if wanted in names:
+    entry = next((m for m in models if m["name"] == wanted), None)
+    if entry is not None and is_text_model(entry["name"], entry["methods"]):
         return wanted
-    if any(m["name"] == wanted for m in models):
+    names = set(text_model_names(models))
+    if entry is not None:
         raise UsageError(f"{wanted!r} is not a text model (embedding, image, speech and live "
                          "models are not routed)")
     close = sorted(n for n in names if wanted and (wanted in n or n in wanted))[:3]
@@ -4060,6 +4061,7 @@ class Router:
         self._rotation: int | None = None
         self._flusher: Any = None
         self._plans: dict[tuple[Any, ...], Any] = {}
+        self._planning = threading.Lock()  # one thread plans anew; the others wait for it
         self._guesses: dict[tuple[str, str], Block] = {}
 
     @property
@@ -4331,14 +4333,20 @@ class Router:
         tx = StateTransaction(None, docs or self.store.snapshot(), write=False)
         stamp = (id(tx.stats), id(tx.router), id(models), model, tier)
         cached = self._plans.get(stamp)
-        if cached is None:
+        if cached is not None:
+            return cached[0]
+        # After each batched write every request in flight meets a new stamp; planning once
+        # for all of them keeps 32 threads from computing the same tiers 32 times.
+        with self._planning:
+            cached = self._plans.get(stamp)
+            if cached is not None:
+                return cached[0]
             plan = plan_route(tx, models, model, tier)
             with self._lock:
                 if len(self._plans) > 64:
                     self._plans.clear()
                 self._plans[stamp] = (plan, tx.stats, tx.router)   # keeps the ids alive
             return plan
-        return cached[0]
 
     def run(self, plan: RoutePlan, call: Callable[[ApiKey, str, float], Outcome], *,
             out: Output | None = None, unfit: dict[str, str] | None = None,
@@ -5833,7 +5841,43 @@ def build_app(gateway: Gateway) -> Any:
                     f"{type(exc).__name__}: {_one_line(exc, 300)}")
         return error_response(api_of(request.url.path), GatewayError(
             500, f"internal error in the gateway ({type(exc).__name__})", "internal_error"))
-    return app
+
+    # The two endpoints that carry nearly all the traffic skip FastAPI's middleware stack
+    # and router - about a fifth of the gateway's CPU per request, which at 32 requests in
+    # flight becomes queueing for the interpreter lock. The same endpoint functions answer
+    # (through `serve`: authentication, errors shaped like the API, metrics, logs); every
+    # other path, /docs and the OpenAPI schema included, goes through FastAPI.
+    def hot_endpoint(scope: dict[str, Any]) -> Callable[[Request], Any] | None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return None
+        path = scope["path"]
+        if path.startswith("/v1beta/models/"):
+            return functools.partial(gemini_call, path[len("/v1beta/models/"):])
+        return chat_completions if path == "/v1/chat/completions" else None
+
+    async def app_with_hot_paths(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        endpoint = hot_endpoint(scope)
+        if endpoint is None:
+            await app(scope, receive, send)
+            return
+        started = False
+
+        async def sending(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+        request = Request(scope, receive)
+        try:
+            response = await endpoint(request)
+            await response(scope, receive, sending)
+        except Exception as exc:     # noqa: BLE001 - a stream's own failure, say
+            gateway.log(f"internal error on POST {scope['path']}: {type(exc).__name__}: "
+                        f"{_one_line(exc, 300)}", now=True)
+            if not started:
+                await error_response(api_of(scope["path"]), GatewayError(
+                    500, f"internal error in the gateway ({type(exc).__name__})",
+                    "internal_error"))(scope, receive, send)
+    return app_with_hot_paths
 
 
 def _safe_loads(data: bytes) -> Any:
@@ -6246,8 +6290,11 @@ def cmd_serve(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     sock = listen_socket(host, port)
     gateway = Gateway(settings, out)
     gateway.warm()
+    # proxy_headers off: nothing here uses the client's address, so X-Forwarded-* need not
+    # be parsed on every request.
     config = uvicorn.Config(build_app(gateway), log_level="warning", access_log=False,
                             server_header=False, lifespan="on", timeout_keep_alive=30,
+                            proxy_headers=False,
                             timeout_graceful_shutdown=max(settings.deadline,
                                                           settings.timeout) + 10)
 
