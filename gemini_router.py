@@ -642,6 +642,7 @@ class StateTransaction:
         self._write = write
         self._docs: dict[str, dict[str, Any]] = dict(docs or {})
         self._original: dict[str, str | None] = {name: None for name in self._docs}
+        self.written: list[str] = []        # the documents commit() wrote, in order
 
     def doc(self, name: str) -> dict[str, Any]:
         if name not in self._docs:
@@ -669,16 +670,17 @@ class StateTransaction:
             text = json.dumps(doc, separators=(",", ":"))
             if text != self._original[name]:
                 self._store.write(name, text, doc)
+                self.written.append(name)
 
 
 class ChangeCounter:
-    """A token every writer of a state directory replaces after each write, in a small file
-    beside its lock (`state.gen`) that every process maps into memory.
+    """A count every writer of a state directory adds one to after each write, in a small
+    file beside its lock (`state.gen`) that every process maps into memory.
 
-    A reader that finds the token as it last saw it knows that no gemini-router process
+    A reader that finds the count as it last saw it knows that no gemini-router process
     has written since - without a system call. That matters in a busy server: a syscall
     releases the interpreter lock, and with 32 threads routing, taking it back costs a
-    queue's wait. Writers replace it under the state lock, after the rename. Where the file
+    queue's wait. Writers count under the state lock, after the rename. Where the file
     cannot be made or mapped (a read-only directory, one not created yet), `value()` is
     None and readers fall back to stat()."""
 
@@ -697,9 +699,12 @@ class ChangeCounter:
         return None if mapped is None else mapped[:self.SIZE]
 
     def bump(self) -> None:
+        """Count one write (under the state lock, so writers never race). No system call:
+        the readers of this process must not wait for the interpreter lock meanwhile."""
         mapped = self._map if self._map is not None else self._open(retry_now=True)
         if mapped is not None and self._writable:
-            mapped[:self.SIZE] = os.urandom(self.SIZE)   # a random token: no read-modify-write
+            count = int.from_bytes(mapped[:self.SIZE], "little")
+            mapped[:self.SIZE] = ((count + 1) % 2 ** 64).to_bytes(self.SIZE, "little")
 
     def _open(self, retry_now: bool = False) -> Any:
         now = time.monotonic()
@@ -752,6 +757,8 @@ class StateStore:
         self._noted: set[tuple[str, Any]] = set()
         self._snap: _FilesSeen | None = None
         self._locks: dict[str, Any] = {}
+        import _thread     # built in: a local command does not pay for importing threading
+        self._refreshing = _thread.allocate_lock()
         self._counters = {os.path.dirname(p): ChangeCounter(os.path.join(
             os.path.dirname(p), ChangeCounter.NAME)) for p in self.lock_paths}
 
@@ -806,8 +813,12 @@ class StateStore:
         self.check_dirs(create=True)
         with self._exclusive_hold():
             tx = StateTransaction(self)
-            yield tx
-            tx.commit()
+            try:
+                yield tx
+                tx.commit()
+            finally:
+                if tx.written:
+                    self._publish(tx.written)
 
     # How long an unchanged change counter alone proves the files unchanged: a writer that
     # does not count (an older gemini-router, a hand edit) is seen within this.
@@ -819,12 +830,26 @@ class StateStore:
         and no lock - the reservation path of a busy server stays inside the interpreter;
         past TRUST_COUNTER_SECS, three stat() calls confirm that no file's inode, size or
         mtime changed."""
+        cached = self._snap
+        counted = tuple(c.value() for c in self._counters.values())
+        if cached is not None and None not in counted and cached.counted == counted:
+            if time.monotonic() - cached.checked < self.TRUST_COUNTER_SECS:
+                return cached.docs
+            # Only a writer that does not count can have changed the files: while one
+            # thread of this process looks, the others go on with what it last read.
+            if not self._refreshing.acquire(blocking=False):
+                return cached.docs
+        else:
+            self._refreshing.acquire()     # another process wrote: every thread waits
+        try:
+            return self._refresh_snapshot()
+        finally:
+            self._refreshing.release()
+
+    def _refresh_snapshot(self) -> dict[str, dict[str, Any]]:
         counted = tuple(c.value() for c in self._counters.values())
         now = time.monotonic()
         cached = self._snap
-        if cached is not None and None not in counted and cached.counted == counted and \
-                now - cached.checked < self.TRUST_COUNTER_SECS:
-            return cached.docs
         sigs = {name: self._signature(path) for name, path in self.paths.items()}
         if cached is not None and cached.sigs == sigs and not any(map(_racy, sigs.values())):
             self._snap = _FilesSeen(sigs, cached.docs, counted, now)
@@ -1039,15 +1064,41 @@ class StateStore:
         except OSError as exc:
             raise ConfigError(f"state file {path} {why} and cannot be moved aside: "
                               f"{exc.strerror or exc}") from None
-        self._count_change(path)
+        self._count_change(os.path.dirname(path) or ".")
         warn(f"state file {path} {why}; kept it as {os.path.basename(target)} and started "
              "afresh")
         return empty_doc(name)
 
-    def _count_change(self, path: str) -> None:
-        counter = self._counters.get(os.path.dirname(path))
+    def _count_change(self, directory: str) -> None:
+        counter = self._counters.get(directory)
         if counter is not None:
             counter.bump()
+
+    def _publish(self, written: list[str]) -> None:
+        """After a write, still under the lock: count the change for other processes, and
+        make what was written this process's snapshot - its other threads go on without
+        reading back the files it just wrote (counted last, with no system call between
+        the count and the snapshot, so no reader of this process sees one without the
+        other)."""
+        docs: dict[str, dict[str, Any]] | None = {}
+        try:
+            sigs = {name: self._signature(path) for name, path in self.paths.items()}
+        except ConfigError:
+            sigs, docs = {}, None        # the next reader says what is wrong
+        for name, sig in sigs.items():
+            cached = self._cache.get(name)
+            if sig is None:
+                docs[name] = empty_doc(name)
+            elif cached is not None and cached[0] == sig:
+                docs[name] = cached[2]
+            else:
+                docs = None              # not read since it changed: the next reader reads
+                break
+        for directory in {os.path.dirname(self.paths[name]) or "." for name in written}:
+            self._count_change(directory)
+        counted = tuple(c.value() for c in self._counters.values())
+        self._snap = None if docs is None else \
+            _FilesSeen(sigs, docs, counted, time.monotonic())
 
     def write(self, name: str, text: str, doc: dict[str, Any] | None = None) -> None:
         """Replace a state file atomically: a temp file of this writer's own, fsync, rename."""
@@ -1066,7 +1117,6 @@ class StateStore:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise ConfigError(f"cannot write state file {path}: {exc.strerror or exc}") from None
-        self._count_change(path)
         sig = self._signature(path)
         if sig is not None and doc is not None:
             self._cache[name] = (sig, text, json.loads(text))
