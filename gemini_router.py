@@ -821,8 +821,9 @@ class StateStore:
                     self._publish(tx.written)
 
     # How long an unchanged change counter alone proves the files unchanged: a writer that
-    # does not count (an older gemini-router, a hand edit) is seen within this.
-    TRUST_COUNTER_SECS = 0.05
+    # does not count (an older gemini-router, a hand edit) is seen within this. Rarely, as
+    # the stat() calls that check it are the syscalls a busy server must not make often.
+    TRUST_COUNTER_SECS = 1.0
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """Every document, read-only and shared with the cache. While the change counters
