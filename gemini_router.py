@@ -692,6 +692,7 @@ class ChangeCounter:
         self.path = path
         self._map: Any = None
         self._writable = False
+        self._identity: tuple[int, int] | None = None
         self._retry_at = 0.0
 
     def value(self) -> bytes | None:
@@ -706,6 +707,21 @@ class ChangeCounter:
             count = int.from_bytes(mapped[:self.SIZE], "little")
             mapped[:self.SIZE] = ((count + 1) % 2 ** 64).to_bytes(self.SIZE, "little")
 
+    def check(self) -> None:
+        """Map the file again if it was deleted, replaced or cut short since it was mapped
+        (a reset state directory, a restored backup): a mapping of the old file would count
+        nothing any more, and reading past the end of a shortened one kills the process.
+        Called with the periodic look at the state files, so such a change lasts a second
+        at most."""
+        try:
+            st = os.stat(self.path)
+            same = (st.st_dev, st.st_ino) == self._identity and st.st_size >= self.SIZE
+        except OSError:
+            same = False
+        if self._map is not None and not same:
+            self._map, self._identity = None, None      # the old map closes with its last user
+            self._open(retry_now=True)
+
     def _open(self, retry_now: bool = False) -> Any:
         now = time.monotonic()
         if not retry_now and now < self._retry_at:
@@ -718,12 +734,17 @@ class ChangeCounter:
             except PermissionError:
                 fd, access = os.open(self.path, os.O_RDONLY), mmap.ACCESS_READ
             try:
-                if os.fstat(fd).st_size < self.SIZE:
+                st = os.fstat(fd)
+                if st.st_size < self.SIZE:
                     if access == mmap.ACCESS_READ:
                         return None
-                    os.ftruncate(fd, self.SIZE)     # the same size for a racing creator: no-op
-                self._map = mmap.mmap(fd, self.SIZE, access=access)
+                    # Real bytes, not a hole from ftruncate: the first count through the map
+                    # must not need a block a full disk cannot give (that would be SIGBUS).
+                    os.pwrite(fd, bytes(self.SIZE - st.st_size), st.st_size)
+                mapped = mmap.mmap(fd, self.SIZE, access=access)
                 self._writable = access == mmap.ACCESS_WRITE
+                self._identity = (st.st_dev, st.st_ino)
+                self._map = mapped
             finally:
                 os.close(fd)
         except (OSError, ValueError):
@@ -832,22 +853,33 @@ class StateStore:
         past TRUST_COUNTER_SECS, three stat() calls confirm that no file's inode, size or
         mtime changed."""
         cached = self._snap
-        counted = tuple(c.value() for c in self._counters.values())
-        if cached is not None and None not in counted and cached.counted == counted:
+        if self._counted_since(cached):
             if time.monotonic() - cached.checked < self.TRUST_COUNTER_SECS:
                 return cached.docs
             # Only a writer that does not count can have changed the files: while one
             # thread of this process looks, the others go on with what it last read.
             if not self._refreshing.acquire(blocking=False):
                 return cached.docs
-        else:
-            self._refreshing.acquire()     # another process wrote: every thread waits
-        try:
-            return self._refresh_snapshot()
-        finally:
-            self._refreshing.release()
+            try:
+                return self._refresh_snapshot()
+            finally:
+                self._refreshing.release()
+        # Another process wrote (or there is no counter, or nothing was read yet): every
+        # thread waits for the one that reads, then takes what it read.
+        with self._refreshing:
+            cached = self._snap
+            return cached.docs if self._counted_since(cached) else self._refresh_snapshot()
+
+    def _counted_since(self, seen: _FilesSeen | None) -> bool:
+        """True when `seen` is as current as the change counters can tell."""
+        if seen is None:
+            return False
+        counted = tuple(c.value() for c in self._counters.values())
+        return None not in counted and seen.counted == counted
 
     def _refresh_snapshot(self) -> dict[str, dict[str, Any]]:
+        for counter in self._counters.values():
+            counter.check()
         counted = tuple(c.value() for c in self._counters.values())
         now = time.monotonic()
         cached = self._snap
@@ -1078,9 +1110,9 @@ class StateStore:
     def _publish(self, written: list[str]) -> None:
         """After a write, still under the lock: count the change for other processes, and
         make what was written this process's snapshot - its other threads go on without
-        reading back the files it just wrote (counted last, with no system call between
-        the count and the snapshot, so no reader of this process sees one without the
-        other)."""
+        reading back the files it just wrote. Counted last, right before the snapshot is
+        set: a thread of this process that sees the new count first only takes the slow
+        path (it waits for the lock and reads), never a stale snapshot."""
         docs: dict[str, dict[str, Any]] | None = {}
         try:
             sigs = {name: self._signature(path) for name, path in self.paths.items()}
@@ -1308,13 +1340,12 @@ return out
 # each; the number of collections, then per collection: word, the number of upserts, (id,
 # text, expiry ms) of each, the number of deletes, their ids. Writes only while `token`
 # holds the lock (KEYS[2]); an index drops what expired and expires with its last member.
+# The entries first, the documents last: Redis does not roll a failed script back, and a
+# document written without its entries before they failed would lose them for everyone.
 REDIS_COMMIT = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-local now, prefix, i = ARGV[2], ARGV[3], 5
-for _ = 1, tonumber(ARGV[4]) do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1], 'v:' .. ARGV[i], ARGV[i + 2])
-  i = i + 3
-end
+local now, prefix, documents = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local i = 5 + 3 * documents
 local collections = tonumber(ARGV[i])
 i = i + 1
 for _ = 1, collections do
@@ -1337,6 +1368,10 @@ for _ = 1, collections do
   redis.call('ZREMRANGEBYSCORE', index, '-inf', now)
   local last = redis.call('ZRANGE', index, -1, -1, 'WITHSCORES')
   if last[2] then redis.call('PEXPIREAT', index, last[2]) else redis.call('DEL', index) end
+end
+for d = 0, documents - 1 do
+  local j = 5 + 3 * d
+  redis.call('HSET', KEYS[1], ARGV[j], ARGV[j + 1], 'v:' .. ARGV[j], ARGV[j + 2])
 end
 return 1
 """
@@ -1442,10 +1477,25 @@ class RedisStateStore:
                               f"{self._say(exc)}") from None
         except (redis.RedisError, OSError) as exc:
             raise ConfigError(f"cannot reach Redis at {self.url}: {self._say(exc)}") from None
+        self._check_version(client, redis)
         scripts = {"read": client.register_script(REDIS_READ),
                    "commit": client.register_script(REDIS_COMMIT),
                    "release": client.register_script(REDIS_RELEASE)}
         return client, (redis.RedisError, OSError), scripts
+
+    def _check_version(self, client: Any, redis: Any) -> None:
+        """Refuse a Redis older than 6.2: the entries that expire are written with
+        SET ... PXAT, which an older one refuses. A Redis that will not say (INFO denied by
+        an ACL) is trusted."""
+        try:
+            version = str(client.info("server").get("redis_version", ""))
+        except (redis.RedisError, OSError):
+            return
+        import re
+        numbers = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
+        if len(numbers) == 2 and numbers < (6, 2):
+            raise ConfigError(f"Redis at {self.url} is version {version}; gemini-router needs "
+                              "6.2 or later")
 
     def _say(self, exc: BaseException) -> str:
         """An error of redis-py as one line, the URL's password never in it."""
@@ -1520,8 +1570,8 @@ class RedisStateStore:
 
     def load(self, name: str, write: bool = True) -> tuple[str | None, dict[str, Any]]:
         """(text, document) of one document now; a copy for writers, shared for readers."""
-        _, text, doc = self._current()[name]
-        return text, (_copy(doc) if write else doc)
+        read = self._current()[name]
+        return read.text, (_copy(read.doc) if write else read.doc)
 
     def write(self, name: str, text: str, doc: dict[str, Any] | None = None) -> None:
         """Replace one document (under the lock, like every write)."""
@@ -3926,11 +3976,11 @@ def cached_model_list(router_doc: dict[str, Any], settings: Settings,
 def resolve_model(name: str, models: list[dict[str, Any]]) -> str:
     """A user-given model name, validated against the list (with or without 'models/')."""
     wanted = bare_model(name.strip())
-    entry = next((m for m in models if m["name"] == wanted), None)
-    if entry is not None and is_text_model(entry["name"], entry["methods"]):
+    listed = [m for m in models if m["name"] == wanted]
+    if any(is_text_model(m["name"], m["methods"]) for m in listed):
         return wanted
     names = set(text_model_names(models))
-    if entry is not None:
+    if listed:
         raise UsageError(f"{wanted!r} is not a text model (embedding, image, speech and live "
                          "models are not routed)")
     close = sorted(n for n in names if wanted and (wanted in n or n in wanted))[:3]

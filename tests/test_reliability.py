@@ -748,3 +748,44 @@ def test_routers_queued_on_the_lock_spend_the_last_call_of_a_ceiling_once(cli):
         router.close()
     assert sorted(outcomes) == ["exit 4"] * 7 + ["key#1"]
     assert generate_calls(cli.fake, KEYS[0]) == 1
+
+
+WRITER = """
+import sys, time, gemini_router as gr
+store = gr.StateStore(gr.load_settings())
+with store.transaction() as tx:
+    gr.add_cooldown(tx.cooldowns, sys.argv[1], None, time.time() + 600, "by hand",
+                    "rate_limited", time.time())
+"""
+
+
+@pytest.mark.files_only
+@pytest.mark.parametrize("damage", ["deleted", "cut short"])
+def test_a_counter_file_deleted_or_cut_short_is_mapped_again_within_a_second(cli, damage):
+    """A reset state directory or a restored backup replaces state.gen under a running
+    server; a shortened one would kill it (SIGBUS) when read through the old mapping. The
+    server maps the file again at its next look at the files (a second at most): from then
+    on another process's write is seen by the very next snapshot again."""
+    import gemini_router as gr
+    store = gr.StateStore(gr.load_settings(cli.env))
+    store.TRUST_COUNTER_SECS = 0.3
+
+    def other_process_cools(model: str) -> None:
+        subprocess.run([sys.executable, "-c", WRITER, model], env=cli.env, check=True,
+                       cwd=str(ROOT))
+
+    def cooled() -> list[str]:
+        return sorted(e["model"] for e in store.snapshot()["cooldowns"]["cooldowns"])
+    other_process_cools("m1")
+    assert cooled() == ["m1"]
+    counter = cli.state_dir / "state.gen"
+    if damage == "deleted":
+        counter.unlink()
+    else:
+        os.truncate(counter, 0)
+    other_process_cools("m2")
+    time.sleep(store.TRUST_COUNTER_SECS + 0.05)
+    assert cooled() == ["m1", "m2"]                    # the look at the files, which remaps
+    assert counter.stat().st_size == 8
+    other_process_cools("m3")
+    assert cooled() == ["m1", "m2", "m3"]              # the very next snapshot: counted
