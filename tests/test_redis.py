@@ -842,3 +842,32 @@ def test_a_bad_entry_under_its_own_key_is_dropped_and_removed_by_the_next_write(
     assert cli("route", "-m", FLASH20, "hi").code == 0                  # a writer
     assert (r.exists(bad), r.zscore(PREFIX + "index:cooldown", "0123456789abcdef")) == (0, None)
     assert r.exists(good) == 1
+
+
+def test_a_commit_that_fails_part_way_leaves_every_document_as_it_was(redis_servers, tmp_path):
+    """Redis does not roll a failed script back. The commit writes the entries that expire
+    first and the documents last, so a command failing in between (here ZADD, denied by an
+    ACL; on a Redis without SET ... PXAT, the SET) leaves the shared documents untouched:
+    a cooldown held in the previous layout survives for every other process."""
+    server = redis_servers()
+    admin = server.client()
+    admin.execute_command("ACL", "SETUSER", "app", "on", ">pw", "~*", "+@all", "-zadd")
+    now = time.time()
+    old = {"schema": gr.SCHEMA_VERSION, "kind": "gemini-router/cooldowns",
+           "cooldowns": [{"model": "m", "key": "fp1", "until": now + 600, "since": now,
+                          "reason": "old layout", "kind": "rate_limited", "scope": "pair"}],
+           "disabled_keys": {}}
+    admin.hset("gemini-router:state", mapping={"cooldowns": json.dumps(old),
+                                               "v:cooldowns": "old"})
+    env = {"GEMINI_ROUTER_STATE_DIR": str(tmp_path / "state"), "GEMINI_API_KEY_1": KEYS[0],
+           "GEMINI_ROUTER_STATE_URL": f"redis://app:pw@127.0.0.1:{server.port}/0"}
+    store = gr.open_store(gr.load_settings(env))
+    with store.transaction() as tx:
+        gr.add_cooldown(tx.cooldowns, "m2", "fp2", now + 600, "new", "rate_limited", now)
+    assert store.degraded                          # the failed write: kept locally
+    assert admin.hget("gemini-router:state", "v:cooldowns") == b"old"
+    assert json.loads(admin.hget("gemini-router:state", "cooldowns")) == old
+    others = gr.open_store(gr.load_settings({**env, "GEMINI_ROUTER_STATE_URL": server.url}))
+    assert [e["reason"] for e in others.snapshot()["cooldowns"]["cooldowns"]] == ["old layout"]
+    store.close()
+    others.close()
