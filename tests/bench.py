@@ -772,12 +772,16 @@ def core_router(url: str, state_dir: str, keys: list[str]) -> "gr.Router":
     return router
 
 
-def in_threads(n: int, work: Callable[[int], None]) -> float:
-    """Run work(0..n-1) on n threads started together; the wall time."""
+def in_threads(n: int, work: Callable[[int], None],
+               prepare: Callable[[int], None] | None = None) -> float:
+    """Run work(0..n-1) on n threads started together, each after its untimed
+    prepare(tid) (opening connections, say); the wall time of the work."""
     import threading
     barrier = threading.Barrier(n + 1)
 
     def run(tid: int) -> None:
+        if prepare is not None:
+            prepare(tid)
         barrier.wait()
         work(tid)
     threads = [threading.Thread(target=run, args=(t,)) for t in range(n)]
@@ -1261,15 +1265,16 @@ def gateway_load(threads: int, per_thread: int, targets: list[tuple[str, str, di
     times: dict[str, list[float]] = {name: [] for name, _, _ in targets}
     failures = [0]
     lock = threading.Lock()
-    barrier = threading.Barrier(threads + 1)
+    sessions = {n: requests.Session() for n in range(threads)}
+
+    def connect(n: int) -> None:
+        for _, url, headers in targets:
+            sessions[n].post(url, data=body, headers=headers, timeout=60)
 
     def work(n: int) -> None:
-        session = requests.Session()
+        session = sessions[n]
         own: dict[str, list[float]] = {name: [] for name, _, _ in targets}
         bad = 0
-        for _, url, headers in targets:                                          # connect
-            session.post(url, data=body, headers=headers, timeout=60)
-        barrier.wait()
         for i in range(per_thread):
             for name, url, headers in targets[(i + n) % len(targets):] + \
                     targets[:(i + n) % len(targets)]:
@@ -1281,14 +1286,8 @@ def gateway_load(threads: int, per_thread: int, targets: list[tuple[str, str, di
             for name, values in own.items():
                 times[name] += values
             failures[0] += bad
-    workers = [threading.Thread(target=work, args=(n,)) for n in range(threads)]
-    for w in workers:
-        w.start()
-    barrier.wait()
-    began = time.perf_counter()
-    for w in workers:
-        w.join()
-    return times, time.perf_counter() - began, failures[0]
+    wall = in_threads(threads, work, prepare=connect)
+    return times, wall, failures[0]
 
 
 def direct_target(sim_url: str) -> tuple[str, str, dict]:
