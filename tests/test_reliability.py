@@ -675,6 +675,11 @@ def test_a_cooldown_another_process_records_is_seen_through_the_change_counter_a
         r = cli("route", "-m", FLASH, "limited", env=only_key1)
         assert r.code == 4, r.err
         assert generate_calls(cli.fake, KEYS[0]) == warm + 1
+        [cooldown] = cli.state("cooldowns")["cooldowns"]
+        assert (cooldown["model"], cooldown["key"], cooldown["scope"], cooldown["kind"]) == \
+            (FLASH, hashlib.sha256(KEYS[0].encode()).hexdigest()[:12], "project",
+             "rate_limited")
+        assert cooldown["until"] - cooldown["since"] == pytest.approx(30, abs=1e-6)
         assert (cli.state_dir / "state.gen").read_bytes() != counter
         before = generate_calls(cli.fake, KEYS[0])
         for _ in range(4):
