@@ -26,8 +26,8 @@ The whole tool is this one module. It reads top to bottom in the order the data 
   router         ``Router``: plan (lock, -m, tier order), reserve (rotation, pacing), call,
                  record; bounded by GEMINI_ROUTER_MAX_ATTEMPTS calls and a deadline
   gateway        ``gemini-router serve``: Gemini-native and OpenAI-compatible HTTP over the
-                 same ``Router`` (FastAPI + uvicorn, imported by ``serve`` only), and the
-                 client side of ``route`` through a running gateway
+                 same ``Router`` loop (FastAPI + uvicorn, aiohttp upstream; imported by
+                 ``serve`` only), and the client side of ``route`` through a running gateway
   CLI            argparse subcommands, tables, ``--json``, exit codes
 
 Design rules that the code keeps everywhere:
@@ -56,7 +56,8 @@ from dataclasses import asdict, dataclass, field, replace
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:      # annotations only: importing typing would slow every local command
-    from typing import Any, Callable, Iterable, Iterator
+    from typing import Any, AsyncIterator, Callable, Generator, Iterable, Iterator, Union
+    Step = Union["UpstreamCall", "ModelCheck", str]      # what the route loop yields
 
 __version__ = "1.0.0"
 PROG = "gemini-router"
@@ -870,6 +871,16 @@ class StateStore:
             cached = self._snap
             return cached.docs if self._counted_since(cached) else self._refresh_snapshot()
 
+    def current_snapshot(self) -> dict[str, dict[str, Any]] | None:
+        """What `snapshot` returns when that takes no system call, no lock and no wait (the
+        change counters as last read, within TRUST_COUNTER_SECS); else None. An event loop
+        reads the state only this way, and leaves the rest to a worker thread."""
+        cached = self._snap
+        if self._counted_since(cached) and \
+                time.monotonic() - cached.checked < self.TRUST_COUNTER_SECS:
+            return cached.docs
+        return None
+
     def _counted_since(self, seen: _FilesSeen | None) -> bool:
         """True when `seen` is as current as the change counters can tell."""
         if seen is None:
@@ -1567,6 +1578,10 @@ class RedisStateStore:
         """Every document, read-only: one atomic read, the same objects while unchanged."""
         with self.transaction(write=False) as tx:
             return {name: tx.doc(name) for name in STATE_FILE_NAMES}
+
+    def current_snapshot(self) -> None:
+        """Never: every read of state on Redis is a round trip (see StateStore's)."""
+        return None
 
     def load(self, name: str, write: bool = True) -> tuple[str | None, dict[str, Any]]:
         """(text, document) of one document now; a copy for writers, shared for readers."""
@@ -2967,6 +2982,10 @@ def _classify_exception(exc: BaseException, timeout: float) -> Outcome:
         if body is None and response is None:      # no HTTP body at hand: the SDK's words
             body = {"error": {"message": _upstream_message(exc), "details": exc.details or []}}
         return classify_http(code, body, content_type)
+    if "aiohttp" in sys.modules:          # the gateway's transport
+        outcome = _classify_aiohttp(exc, timeout)
+        if outcome is not None:
+            return outcome
     import urllib3.exceptions as ux
     # ConnectTimeout is both a ConnectionError and a Timeout: connection first, so an
     # endpoint that never accepts is "unreachable", not a slow model. The raw calls' urllib3
@@ -2987,6 +3006,29 @@ def _classify_exception(exc: BaseException, timeout: float) -> Outcome:
     # Anything else (an empty or malformed 200 body the SDK cannot parse, a broken stream) is
     # the server's fault, not the request's.
     return Outcome("transient", f"malformed response ({type(exc).__name__}: {_one_line(exc)})")
+
+
+def _classify_aiohttp(exc: BaseException, timeout: float) -> Outcome | None:
+    """An exception of the gateway's aiohttp transport as an outcome, or None (not one)."""
+    import asyncio
+    import aiohttp
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return Outcome("unreachable", "connection timed out")
+    # A TLS failure or a proxy that refuses is the transport's problem, not the endpoint's
+    # absence: transient, as urllib3's SSLError and ProxyError are for the CLI.
+    if isinstance(exc, (aiohttp.ClientSSLError, aiohttp.ClientProxyConnectionError)):
+        return Outcome("transient", f"connection broken: {_one_line(exc)}")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        error = getattr(exc, "os_error", None)     # (unset on some errors before 3.14)
+        number = getattr(error, "errno", None)
+        reason = os.strerror(number) if isinstance(number, int) and number > 0 else \
+            str(getattr(error, "strerror", None) or error or "")
+        return Outcome("unreachable", reason.lower() or "connection failed")
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):    # read timeouts (3.10: two)
+        return Outcome("transient", f"no answer within {timeout:.3g} s (timeout)")
+    if isinstance(exc, aiohttp.ClientError):
+        return Outcome("transient", f"connection broken: {_one_line(exc)}")
+    return None
 
 
 def _connect_failure(exc: BaseException) -> str | None:
@@ -4139,6 +4181,29 @@ class RouteRun:
     stop: str = ""               # why the loop stopped without an answer: budget, deadline
 
 
+@dataclass
+class UpstreamCall:
+    """A step of the route loop: call `model` with `key` within `timeout` seconds."""
+    key: ApiKey
+    model: str
+    timeout: float
+
+
+@dataclass
+class ModelCheck:
+    """A step of the route loop after a 404: does the live list still have `model`?"""
+    key: ApiKey
+    model: str
+    timeout: float
+
+
+# Steps of the route loop that say what its next piece of work does, for a driver on an
+# event loop: READING, it reads the state (sent back: a snapshot to use, or None to read it
+# itself); LOCKING, it takes the state lock (and may wait for another process).
+READING = "reading"
+LOCKING = "locking"
+
+
 class Router:
     """The routing core of one process: cached state, batched answers, the route loop.
 
@@ -4188,7 +4253,7 @@ class Router:
                     self._rotation = router["next_key"]
             return self._view[1]
 
-    def _next_start(self) -> int:
+    def _next_start(self, docs: dict[str, dict[str, Any]] | None = None) -> int:
         n = max(1, len(self.settings.keys))
         if self.shared_rotation:
             # Unwritable state stops the route here, before any call: it could not record
@@ -4202,17 +4267,21 @@ class Router:
             return start
         with self._lock:
             if self._rotation is None:
-                self.view()
+                self.view(docs)
             start = (self._rotation or 0) % n
             self._rotation = (start + 1) % n
             return start
 
     def reserve(self, session: RouteSession, docs: dict[str, dict[str, Any]] | None = None
-                ) -> tuple[str, ApiKey, Block | None, bool] | None:
-        """The next pair of `session`, counted toward its limits. A pair under a ceiling or a
-        learned limit is counted at once under the lock, so two processes never both spend
-        the last call of a window; other pairs are counted with the batched answers."""
+                ) -> Iterator[Step]:
+        """The next pair of `session`, counted toward its limits (the generator's return
+        value; it yields LOCKING first when it is about to take the state lock). A pair under
+        a ceiling or a learned limit is counted at once under the lock, so two processes never
+        both spend the last call of a window; other pairs are counted with the batched
+        answers."""
         while True:
+            if docs is None:
+                docs = yield READING
             now = time.time()
             view = self.view(docs)
             docs = None                    # a second look (after a lost race) reads afresh
@@ -4226,6 +4295,7 @@ class Router:
                 self._rotation = moved
             if not view.paced(key, model):
                 return model, key, soft, False
+            yield LOCKING
             with self.store.transaction() as tx:
                 # The clock again, under the lock: a stamp another process counted while this
                 # one waited for the lock is later than `now` above, and would not count.
@@ -4241,12 +4311,13 @@ class Router:
             session.tried.add((model, key.index))
 
     def record(self, key: ApiKey, model: str | None, outcome: Outcome, latency: float,
-               counted: bool = False) -> None:
+               counted: bool = False, flush: bool = True) -> bool:
         """Record one outcome. Facts from Google (quotas, refusals) are written now, with
         everything pending, for every process to see; answers and transient failures - and
         an answer that proves a guess wrong - wait for the next batch (this process sees
         its guesses at once, through `StateView.guesses`). A failure to write an answer's
-        record is a warning: the answer itself is never lost."""
+        record is a warning: the answer itself is never lost. With flush=False the write
+        is left to the caller: the return value says whether one is due now."""
         now = time.time()
         immediate = outcome.rule.scope is not None and not outcome.answered \
             and outcome.rule.length != "transient" or bool(outcome.limits)
@@ -4260,8 +4331,9 @@ class Router:
                     f"{outcome.detail}", "transient", soft=True)
             elif model and outcome.answered:
                 self._guesses.pop((key.fingerprint, model), None)
-        if immediate:
+        if immediate and flush:
             self.flush()
+        return immediate
 
     def _flush_into(self, tx: StateTransaction) -> list[str]:
         with self._lock:
@@ -4345,11 +4417,20 @@ class Router:
         """(the model list, the state snapshot it came from): one look at the state serves
         a request's model list, its plan and its first reservation. The snapshot is None
         when the list had to be fetched (the state changed meanwhile)."""
-        docs = self.store.snapshot()
-        models = cached_model_list(docs["router"], self.settings, time.time())
-        if models is None:
+        cached = self.cached_models_now()
+        if cached is None:
             return self.models(out=out, deadline_at=deadline_at), None
-        return models, docs
+        return cached
+
+    def cached_models_now(self, current: bool = False
+                          ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]] | None:
+        """(the cached model list, the snapshot it came from), or None when the list must
+        be fetched: `models_now` without a network call. With `current`, also None when
+        reading the state would take a system call or a wait (`current_snapshot`)."""
+        docs = self.store.current_snapshot() if current else self.store.snapshot()
+        models = None if docs is None else \
+            cached_model_list(docs["router"], self.settings, time.time())
+        return None if models is None else (models, docs)
 
     def _cached_models(self) -> list[dict[str, Any]] | None:
         return cached_model_list(self.store.snapshot()["router"], self.settings, time.time())
@@ -4450,19 +4531,49 @@ class Router:
             return plan
 
     def run(self, plan: RoutePlan, call: Callable[[ApiKey, str, float], Outcome], *,
-            out: Output | None = None, unfit: dict[str, str] | None = None,
-            deadline_at: float | None = None,
-            docs: dict[str, dict[str, Any]] | None = None,
-            session: RouteSession | None = None, max_calls: int | None = None,
-            enough: Callable[[Outcome], bool] | None = None) -> RouteRun:
-        """Walk `plan` within the budget: at most max_attempts calls (or `max_calls`; a 404's
-        check of the live list counts as one), never past the deadline (each call's timeout
-        shrinks to what is left), until an answer, an end, or an outcome that is `enough`
-        (a probe stops at its first measurement)."""
+            out: Output | None = None, **options: Any) -> RouteRun:
+        """Walk `plan` (see `steps`), making each upstream call with `call` in this thread."""
+        steps = self.steps(plan, out=out, **options)
+        reply: Any = None
+        try:
+            step = next(steps)
+            while True:
+                try:
+                    if isinstance(step, UpstreamCall):
+                        reply = call(step.key, step.model, step.timeout)
+                    elif isinstance(step, ModelCheck):
+                        reply = self.check_model(step.key, step.model, out, step.timeout)
+                    else:
+                        reply = None             # READING, LOCKING: this thread may wait
+                except BaseException as exc:     # the loop's own `finally` sees it
+                    step = steps.throw(exc)
+                    continue
+                step = steps.send(reply)
+        except StopIteration as done:
+            return done.value
+
+    def steps(self, plan: RoutePlan, *, out: Output | None = None,
+              unfit: dict[str, str] | None = None, deadline_at: float | None = None,
+              docs: dict[str, dict[str, Any]] | None = None,
+              session: RouteSession | None = None, max_calls: int | None = None,
+              enough: Callable[[Outcome], bool] | None = None
+              ) -> Generator[Step, Any, RouteRun]:
+        """The route loop, as a generator its driver feeds: it yields an UpstreamCall and is
+        sent back the call's Outcome (or thrown its exception); a ModelCheck, sent back
+        whether the model is gone; READING before it reads the state (sent back a current
+        snapshot, or None to read it itself) and LOCKING before it takes the state lock (a
+        driver on an event loop moves to a worker thread for those); the rest of its work
+        is in memory. It walks `plan` within the
+        budget: at most max_attempts calls (or `max_calls`; a 404's check of the live list
+        counts as one), never past the deadline (each call's timeout shrinks to what is
+        left), until an answer, an end, or an outcome that is `enough` (a probe stops at
+        its first measurement). Its return value is the RouteRun."""
         s = self.settings
         began = time.monotonic() if deadline_at is None else deadline_at - s.deadline
         budget = s.max_attempts if max_calls is None else max_calls
-        session = session or RouteSession(s, plan, self._next_start(), unfit)
+        if docs is None:
+            docs = yield READING          # a driver may hand over a current snapshot
+        session = session or RouteSession(s, plan, self._next_start(docs), unfit)
         for name, why in session.dropped.items():
             if out:
                 out.info(f"skipping {name}: {why}")
@@ -4477,7 +4588,7 @@ class Router:
             if left < 0.05:
                 stop = f"deadline of {s.deadline:g} s reached (GEMINI_ROUTER_DEADLINE)"
                 break
-            choice = self.reserve(session, docs)
+            choice = yield from self.reserve(session, docs)
             docs = None                     # the next attempt reads the state afresh
             if choice is None:
                 break
@@ -4489,7 +4600,7 @@ class Router:
                 out.attempt_started(model, key.label, timeout)
             t0 = time.perf_counter()
             try:
-                outcome = call(key, model, timeout)
+                outcome = yield UpstreamCall(key, model, timeout)
             finally:
                 if out:
                     out.attempt_finished()
@@ -4501,16 +4612,18 @@ class Router:
                 out.info(f"  {model} {key.label}: {outcome.detail} ({latency:.2f} s)"
                          if outcome.detail else
                          f"  {model} {key.label}: {outcome.rule.words} in {latency:.2f} s")
-            if not outcome.deferred:
-                self.record(key, model, outcome, latency, counted)
+            if not outcome.deferred and self.record(key, model, outcome, latency, counted,
+                                                    flush=False):
+                yield LOCKING
+                self.flush()
             session.learn(model, key, outcome)
             last = (model, key, outcome, latency)
             left = s.deadline - (time.monotonic() - began)
             if outcome.kind == "model_missing" and calls < budget and left >= 0.05:
                 calls += 1
                 session.missing[model] = session.missing.get(model, 0) + 1
-                if not self.check_model(key, model, out, min(s.timeout, left)) \
-                        and session.missing[model] < 2:
+                gone = yield ModelCheck(key, model, min(s.timeout, left))
+                if not gone and session.missing[model] < 2:
                     session.dropped.pop(model, None)   # listed: maybe only this key lacks it
             if session.ends(outcome) or (enough is not None and enough(outcome)):
                 break
@@ -4697,15 +4810,18 @@ def known_models(settings: Settings, store: StateStore, refresh: bool = False,
 # Gateway: `gemini-router serve`, the same routing core behind an HTTP front end
 # ======================================================================================
 # One routing core, two front ends: every endpoint plans with `Router.plan` and fails over
-# with `Router.run(plan, call)`; only `call` differs - it forwards the client's JSON body
-# unchanged instead of building a request with the SDK. Why this stack:
+# with the route loop `Router.steps` - the generator `Router.run` drives for the CLI; only
+# the calls differ: the gateway forwards the client's JSON body unchanged instead of building
+# a request with the SDK. Why this stack:
 #   * uvicorn + FastAPI (ASGI, interactive docs at /docs), installed by the optional extra
 #     `serve` and imported by `serve` alone, so every other command starts as fast as before;
-#   * upstream HTTP is the core's own `GeminiClient.raw`: a pooled `requests.Session`, the
-#     SDK's own transport and already a dependency - no second HTTP client, and connections
-#     to Google are reused across requests;
-#   * the core is synchronous and thread-safe, so each request runs it in a worker thread
-#     (anyio's pool) while the event loop keeps accepting.
+#   * upstream calls are made on the event loop with aiohttp (`Upstream`), connections kept
+#     open and reused. A worker thread per call cost ≈0.25 ms of CPU in hand-overs and
+#     urllib3's per-call work ≈0.2 ms more: a third of a forwarded request;
+#   * the route loop's own work between calls (reservation, recording: memory) runs on the
+#     event loop too; a step that takes the state lock, reads state on Redis, fetches the
+#     model list or checks a 404 against it runs in a worker thread (GATEWAY_THREADS), so
+#     the event loop never waits on another process or the network for state.
 # Streams fail over only before their first byte leaves: the upstream stream is read until
 # it carries content (or ends); until then any failure is just another outcome for the run
 # loop. From then on the call is "deferred" and its final outcome is recorded when it ends.
@@ -4726,9 +4842,10 @@ OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                       403: "permission_error", 404: "invalid_request_error",
                       405: "invalid_request_error", 429: "rate_limit_error"}
 CLIENT_NAME_FORM = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
-GATEWAY_THREADS = 64          # requests routed at once (worker threads); more wait their turn
+GATEWAY_ROUTING = 64          # requests routed at once; more wait their turn
+LARGE_BODY = 1 << 20          # bytes: a body this large is parsed in a worker thread
+GATEWAY_THREADS = 64          # worker threads: state on Redis, list calls, the cache, /status
 STATUS_REFRESH_S = 5          # the status page reloads itself this often
-UPSTREAM_POOL = 64            # connections kept open to the upstream
 LOG_EVERY = 0.25              # seconds between writes of the gateway's log
 
 
@@ -5026,10 +5143,141 @@ class GatewayMetrics:
         return generate_latest(self.registry)
 
 
+@dataclass
+class Planned:
+    """A request's plan, the model list it was made from and the state snapshot it read."""
+    plan: RoutePlan
+    models: list[dict[str, Any]]
+    docs: dict[str, dict[str, Any]] | None
+
+
+def _advance(step: Callable[[Any], Any], value: Any) -> tuple[bool, Any]:
+    """(False, the route loop's next step) or (True, its RouteRun): one step of a generator,
+    its end as a value (StopIteration cannot cross a thread's future)."""
+    try:
+        return False, step(value)
+    except StopIteration as done:
+        return True, done.value
+
+
+async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) in one of the gateway's worker threads (GATEWAY_THREADS)."""
+    import anyio.to_thread
+    return await anyio.to_thread.run_sync(functools.partial(fn, *args))
+
+
+async def _aiter(items: list[bytes]) -> AsyncIterator[bytes]:
+    for item in items:
+        yield item
+
+
+def asyncio_semaphore(n: int) -> Any:
+    import asyncio
+    return asyncio.Semaphore(n)
+
+
+class UpstreamResponse:
+    """An upstream answer on the event loop, read the way the classification reads one
+    (`status_code`, `headers`, `content`, `json()`), or its body as it arrives (`chunks`)."""
+
+    def __init__(self, response: Any):
+        self._response = response
+        self.status_code: int = response.status
+        self.headers = response.headers
+        self.content = b""
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self._response.content.iter_any()
+
+    def close(self) -> None:
+        """Hand the connection back to the pool when the body was read to its end; else
+        close it (a body left mid-way cannot carry the next request)."""
+        self._response.release()
+
+
+class Upstream:
+    """The gateway's upstream transport: one aiohttp session on the event loop, connections
+    kept open and reused, no thread per call. Proxy and CA settings come from the
+    environment, read as the CLI reads them (HTTPS_PROXY, NO_PROXY, REQUESTS_CA_BUNDLE),
+    once. Every failure becomes an Outcome, classified like the CLI's."""
+
+    def __init__(self, settings: Settings, router: Router):
+        self.settings = settings
+        self.router = router
+        self.session: Any = None
+        proxies, self.bundle = environment_transport(settings.endpoint)
+        self.proxy = proxies.get(settings.endpoint.split(":", 1)[0])
+        self.proxy_auth: Any = None
+
+    async def open(self) -> None:
+        import aiohttp
+        import yarl
+        if self.proxy:
+            # The proxy's credentials travel in their header, never in a URL that an error
+            # message could quote.
+            url = yarl.URL(self.proxy)
+            if url.user is not None:
+                self.proxy_auth = aiohttp.BasicAuth(url.user, url.password or "")
+            self.proxy = str(url.with_user(None))
+        ssl: Any = True
+        if self.settings.endpoint.startswith("https://"):
+            import ssl as ssl_module
+            import certifi
+            ssl = ssl_module.create_default_context(cafile=self.bundle or certifi.where())
+        # No connection limit here: GATEWAY_ROUTING bounds the calls being routed, and a
+        # stream keeps its connection until its client has it all.
+        connector = aiohttp.TCPConnector(limit=0, ssl=ssl, keepalive_timeout=30)
+        # Accept-Encoding as urllib3 sends it (identity): a stream's first token is not
+        # held back by compression, and nothing is decompressed on the event loop.
+        self.session = aiohttp.ClientSession(connector=connector, trust_env=False,
+                                             skip_auto_headers=("Accept-Encoding",))
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    async def post(self, key: ApiKey, path: str, body: bytes, params: dict[str, str],
+                   timeout: float, stream: bool = False) -> UpstreamResponse | Outcome:
+        """POST `body` to path (after /v1beta/) with `key`, never retried: the answer (read
+        whole unless `stream`), or the failure as an Outcome."""
+        import aiohttp
+        import yarl
+        from urllib.parse import quote, urlencode
+        url = f"{self.settings.endpoint}/v1beta/{quote(path, safe='/:')}"
+        if params:
+            url += "?" + urlencode(params)
+        try:
+            response = UpstreamResponse(await self.session.post(
+                yarl.URL(url, encoded=True), data=body, proxy=self.proxy,
+                proxy_auth=self.proxy_auth, allow_redirects=False,
+                headers={"x-goog-api-key": key.secret, "content-type": "application/json"},
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout,
+                                              sock_read=timeout)))
+        except Exception as exc:     # noqa: BLE001 - every failure is an outcome
+            return self.router.client.outcome_from_error(exc, timeout)
+        if stream:
+            return response
+        failure = await self.read(response, timeout)
+        return response if failure is None else failure
+
+    async def read(self, response: UpstreamResponse, timeout: float) -> Outcome | None:
+        """Read the whole body into `response.content`; None, or the failure."""
+        try:
+            response.content = await response._response.read()
+        except Exception as exc:     # noqa: BLE001
+            response._response.close()
+            return self.router.client.outcome_from_error(exc, timeout)
+        return None
+
+
 class Gateway:
     """The gateway's routing: one Router for every request, the upstream forwarding `call`s,
-    the status picture, client keys and the request log. Its methods are synchronous (they
-    run in worker threads); `build_app` puts HTTP around them."""
+    the status picture, client keys and the request log. Forwarding is async (on the event
+    loop); the other methods are synchronous and run in worker threads. `build_app` puts
+    HTTP around them."""
 
     def __init__(self, settings: Settings, out: Output | None = None):
         import threading
@@ -5041,13 +5289,14 @@ class Gateway:
         self.served = 0
         self._log_lock = threading.Lock()
         self._log_lines: list[str] = []
-        self._local = threading.local()      # the state snapshot a request's plan was made on
         self.metrics = GatewayMetrics(self)
+        self.upstream = Upstream(settings, self.router)
+        self.routing = asyncio_semaphore(GATEWAY_ROUTING)
 
     def warm(self) -> None:
-        """Import the SDK's transport and set up the upstream pool now, as large as the
-        requests in flight."""
-        self.router.client.widen_pool(UPSTREAM_POOL)
+        """Import the SDK and its transport now (the model list and 404 checks use them),
+        not in the first request."""
+        self.router.client.widen_pool(GATEWAY_THREADS)
 
     # --- clients and the log -------------------------------------------------------------
 
@@ -5115,14 +5364,28 @@ class Gateway:
 
     # --- plans ---------------------------------------------------------------------------
 
-    def plan(self, name: str, method: str) -> tuple[RoutePlan, list[dict[str, Any]]]:
-        """The candidates for a model name: a listed id pins that model (keys rotate);
-        auto, auto-fast, auto-quality and auto-balance route in that tier's order. One look
-        at the state serves the model list, the plan and the first reservation
-        (`self._local.docs`, per thread: `run` takes it)."""
+    async def plan(self, name: str, method: str) -> Planned:
+        """The candidates for a model name (see `plan_on`), planned on the event loop when
+        the model list is cached and the state can be read from memory; else in a worker
+        thread (a list call, a re-read of the files, state on Redis)."""
+        cached = self.router.cached_models_now(current=True)
+        if cached is None:
+            return await in_thread(self.plan_now, name, method)
+        return self.plan_on(name, method, *cached)
+
+    def plan_now(self, name: str, method: str) -> Planned:
         try:
             models, docs = self.router.models_now()
-            self._local.docs = docs
+        except RouterError as exc:
+            raise routing_error(exc) from None
+        return self.plan_on(name, method, models, docs)
+
+    def plan_on(self, name: str, method: str, models: list[dict[str, Any]],
+                docs: dict[str, dict[str, Any]] | None) -> Planned:
+        """The candidates for a model name: a listed id pins that model (keys rotate);
+        auto, auto-fast, auto-quality and auto-balance route in that tier's order. One look
+        at the state (`docs`) serves the model list, the plan and the first reservation."""
+        try:
             wanted = bare_model(name.strip())
             tier = AUTO_MODELS.get(wanted.lower())
             if method in EMBED_METHODS:
@@ -5133,15 +5396,15 @@ class Gateway:
                                        "model_not_found")
                 if "embedContent" not in entry["methods"]:
                     raise GatewayError(400, f"models/{wanted} does not support {method}")
-                return self.router.plan(models, model=wanted, docs=docs), models
+                return Planned(self.router.plan(models, model=wanted, docs=docs), models, docs)
             if tier:
-                return self.router.plan(models, tier=tier, docs=docs), models
+                return Planned(self.router.plan(models, tier=tier, docs=docs), models, docs)
             if not any(m["name"] == wanted for m in models):
                 raise GatewayError(404, f"models/{wanted} is not found: GET /v1beta/models "
                                         f"lists the models, and auto, auto-fast, auto-quality "
                                         "and auto-balance route by tier", "model_not_found")
-            return self.router.plan(models, model=resolve_model(wanted, models),
-                                    docs=docs), models
+            return Planned(self.router.plan(models, model=resolve_model(wanted, models),
+                                            docs=docs), models, docs)
         except RouterError as exc:
             raise routing_error(exc) from None
 
@@ -5153,42 +5416,76 @@ class Gateway:
             headers["x-gemini-router-key"] = run.key.label
         return headers
 
-    def run(self, plan: RoutePlan, call: Callable[[ApiKey, str, float], Outcome],
-            client: str, models: list[dict[str, Any]] | None = None,
-            body: bytes = b"") -> RouteRun:
-        parsed = _safe_loads(body) if models and body else None
-        unfit = unfit_models(models or [], *request_shape(parsed)) if isinstance(
+    async def run(self, planned: Planned, call: Callable[[ApiKey, str, float], Any],
+                  client: str, body: bytes = b"", shaped: bool = True) -> RouteRun:
+        """The route loop (`Router.steps`) over `planned`, each upstream call awaited on the
+        event loop (`call` is a coroutine function); with `shaped`, models the list says
+        cannot take the body are skipped before any call."""
+        parsed = None if not shaped or not body else _safe_loads(body) \
+            if len(body) < LARGE_BODY else await in_thread(_safe_loads, body)
+        unfit = unfit_models(planned.models, *request_shape(parsed)) if isinstance(
             parsed, dict) else None
-        docs, self._local.docs = getattr(self._local, "docs", None), None
-        run = self.router.run(plan, call, unfit=unfit, docs=docs,
-                              deadline_at=time.monotonic() + self.settings.deadline)
+        steps = self.router.steps(planned.plan, unfit=unfit, docs=planned.docs,
+                                  deadline_at=time.monotonic() + self.settings.deadline)
+        run = await self.drive(steps, call)
         self.metrics.attempts_of(run.attempts, client)
         return run
 
+    async def drive(self, steps: Generator[Step, Any, RouteRun],
+                    call: Callable[[ApiKey, str, float], Any]) -> RouteRun:
+        """Feed the route loop: its calls awaited here, its 404 checks (a blocking list
+        call) in a worker thread, and its own work between calls on the event loop - except
+        a step that takes the state lock, or reads state that is not current in memory (see
+        `current_snapshot`; state on Redis never is): that one runs in a worker thread."""
+        reply: Any = None
+        thrown: BaseException | None = None
+        off_loop = False
+        try:
+            while True:
+                advance = (steps.send, reply) if thrown is None else (steps.throw, thrown)
+                done, step = await in_thread(_advance, *advance) if off_loop else \
+                    _advance(*advance)
+                if done:
+                    return step
+                reply, thrown = None, None
+                if step is READING:
+                    reply = self.router.store.current_snapshot()
+                off_loop = step is LOCKING or (step is READING and reply is None)
+                if step is LOCKING or step is READING:
+                    continue
+                try:
+                    if isinstance(step, UpstreamCall):
+                        reply = await call(step.key, step.model, step.timeout)
+                    else:
+                        reply = await in_thread(self.router.check_model, step.key,
+                                                step.model, None, step.timeout)
+                except Exception as exc:     # noqa: BLE001 - the loop's own `finally` sees it
+                    thrown = exc
+        except BaseException:
+            steps.close()      # cancelled (the client went away): the loop's `finally` runs
+            raise
+
     # --- forwarding ----------------------------------------------------------------------
 
-    def forward(self, method: str, name: str, body: bytes, params: dict[str, str],
-                client: str) -> Forwarded:
+    async def forward(self, method: str, name: str, body: bytes, params: dict[str, str],
+                      client: str) -> Forwarded:
         """One non-streamed call (generateContent, countTokens, embedContent,
         batchEmbedContents), failed over by the run loop; the client's body goes up and the
         upstream's answer comes back unchanged."""
         cache_key = self.cache_key(name, body, params) if method == "generateContent" else None
-        hit = self.cache_hit(cache_key)
+        hit = await in_thread(self.cache_hit, cache_key) if cache_key is not None else None
         if hit is not None:
             return Forwarded(200, self.redacted(_dumps(hit[0])), hit[1])
-        plan, models = self.plan(name, method)
-        upstream = self.router.client
         last: dict[str, Any] = {}
 
-        def call(key: ApiKey, model: str, timeout: float) -> Outcome:
+        async def call(key: ApiKey, model: str, timeout: float) -> Outcome:
             last.clear()
-            try:
-                response = upstream.raw(key, "POST", f"models/{model}:{method}", body=body,
-                                        params=params, timeout=timeout)
-            except Exception as exc:     # noqa: BLE001 - every failure is an outcome
-                return upstream.outcome_from_error(exc, timeout)
+            response = await self.upstream.post(key, f"models/{model}:{method}", body, params,
+                                                timeout)
+            if isinstance(response, Outcome):
+                return response
             last["response"] = response
-            failure = upstream.outcome_of_response(response)
+            failure = self.router.client.outcome_of_response(response)
             if failure is not None:
                 return failure
             answer = _safe_json(response)
@@ -5200,13 +5497,15 @@ class Gateway:
             # Token counts and embeddings say nothing about how a model answers: deferred,
             # and never recorded, so they leave no sample in the model's stats.
             return Outcome("ok", status=200, deferred=True)
-        run = self.run(plan, call, client, models if method == "generateContent" else None,
-                       body)
+        async with self.routing:
+            planned = await self.plan(name, method)
+            run = await self.run(planned, call, client, body, method == "generateContent")
         answered = self.answer(run, last.get("response"))
         if cache_key is not None:
             answered.headers["x-gemini-router-cache"] = "miss"
             if run.outcome is not None and run.outcome.kind == "ok":
-                self.cache_keep(cache_key, run.outcome.body, run.model, run.key)
+                await in_thread(self.cache_keep, cache_key, run.outcome.body, run.model,
+                                run.key)
         return answered
 
     # --- the response cache (GEMINI_ROUTER_CACHE_TTL) -----------------------------------
@@ -5259,28 +5558,29 @@ class Gateway:
             raise routing_error(exc, headers) from None
         return Forwarded(200, self.redacted(response.content), headers)
 
-    def open_stream(self, name: str, body: bytes, params: dict[str, str], framer: Any,
-                    client: str) -> tuple[dict[str, str], Iterator[bytes]] | Forwarded:
+    async def open_stream(self, name: str, body: bytes, params: dict[str, str], framer: Any,
+                          client: str) -> tuple[dict[str, str], AsyncIterator[bytes]] | Forwarded:
         """Start a streamed call: failover happens here, before anything is sent. Returns
         the routing headers and the body to stream, or a Forwarded refusal (an HTTP error
         the upstream gave before streaming, passed on as it came)."""
         cache_key = self.cache_key(name, body, params)
-        hit = self.cache_hit(cache_key)
+        hit = await in_thread(self.cache_hit, cache_key) if cache_key is not None else None
         if hit is not None:
             answer, headers = hit
-            return headers, iter([self.redacted(framer.start() + framer.element(answer)),
-                                  framer.end(False)])
-        plan, models = self.plan(name, "streamGenerateContent")
+            return headers, _aiter([self.redacted(framer.start() + framer.element(answer)),
+                                    framer.end(False)])
         box: dict[str, Any] = {}
 
-        def call(key: ApiKey, model: str, timeout: float) -> Outcome:
+        async def call(key: ApiKey, model: str, timeout: float) -> Outcome:
             box.clear()
-            flow = self.upstream_stream(key, model, body, params, timeout)
+            flow = await self.upstream_stream(key, model, body, params, timeout)
             if isinstance(flow, Outcome):
                 return flow
             box["flow"] = flow
             return flow.outcome
-        run = self.run(plan, call, client, models, body)
+        async with self.routing:
+            planned = await self.plan(name, "streamGenerateContent")
+            run = await self.run(planned, call, client, body)
         flow: StreamFlow | None = box.get("flow")
         headers = self.route_headers(run)
         if cache_key is not None:
@@ -5304,27 +5604,24 @@ class Gateway:
             raise routing_error(exc, headers) from None
         return headers, self.relay(flow, framer)
 
-    def upstream_stream(self, key: ApiKey, model: str, body: bytes, params: dict[str, str],
-                        timeout: float) -> StreamFlow | Outcome:
+    async def upstream_stream(self, key: ApiKey, model: str, body: bytes,
+                              params: dict[str, str], timeout: float) -> StreamFlow | Outcome:
         """Open the upstream stream and read it until it carries content or ends. Its
         outcome is "ok" and deferred once content flows (the rest is relayed and recorded
         later), else whatever the stream came to - a failure the run loop may route around."""
-        upstream = self.router.client
         began = time.perf_counter()
-        try:
-            response = upstream.raw(key, "POST", f"models/{model}:streamGenerateContent",
-                                    body=body, params=params, timeout=timeout, stream=True)
-        except Exception as exc:     # noqa: BLE001
-            return upstream.outcome_from_error(exc, timeout)
+        response = await self.upstream.post(key, f"models/{model}:streamGenerateContent",
+                                            body, params, timeout, stream=True)
+        if isinstance(response, Outcome):
+            return response
         flow = StreamFlow(key, model, response, Outcome("ok", status=200, deferred=True), began)
-        failure = upstream.outcome_of_response(response)
-        if failure is not None:
-            response.close()
-            flow.outcome = failure
+        if not 200 <= response.status_code < 300:
+            failure = await self.upstream.read(response, timeout)
+            flow.outcome = failure or self.router.client.outcome_of_response(response)
             return flow
-        flow.chunks = response.iter_content(chunk_size=None)
+        flow.chunks = response.chunks()
         try:
-            for chunk in flow.chunks:
+            async for chunk in flow.chunks:
                 fresh = flow.reader.feed(chunk)
                 for element in fresh:
                     error = _stream_error(element)
@@ -5337,7 +5634,7 @@ class Gateway:
                     break
         except Exception as exc:     # noqa: BLE001
             response.close()
-            return upstream.outcome_from_error(exc, timeout)
+            return self.router.client.outcome_from_error(exc, timeout)
         if not any(_flowing(e) for e in flow.buffered):
             # The stream ended before any content (a blocked prompt, an empty answer, or
             # cut off): classified whole, like any call, so the loop may still fail over.
@@ -5359,19 +5656,18 @@ class Gateway:
         outcome.detail = _one_line(redact(outcome.detail, self.settings.keys), 300)
         return outcome
 
-    def relay(self, flow: StreamFlow, framer: Any) -> Iterator[bytes]:
+    async def relay(self, flow: StreamFlow, framer: Any) -> AsyncIterator[bytes]:
         """The stream's body for the client: what was read before committing, then the rest
         as it arrives. A failure after the first byte ends the stream with an error element;
         the call's final outcome is recorded when it ends (the run loop left it deferred)."""
         elements = [e for e in flow.buffered if isinstance(e, dict)]
         failure: Outcome | None = None
         error: dict[str, Any] | None = None
-        upstream = self.router.client
         try:
             yield self.redacted(framer.start() + b"".join(framer.element(e) for e in elements))
             if not flow.done:
                 try:
-                    for chunk in flow.chunks:
+                    async for chunk in flow.chunks:
                         for element in flow.reader.feed(chunk):
                             error = _stream_error(element)
                             if error is not None:
@@ -5385,7 +5681,7 @@ class Gateway:
                     if failure is None and (not flow.reader.closed or flow.reader.leftover):
                         failure = Outcome("transient", "stream cut off before its end")
                 except Exception as exc:     # noqa: BLE001 - the upstream broke mid-stream
-                    failure = upstream.outcome_from_error(exc)
+                    failure = self.router.client.outcome_from_error(exc)
                 if failure is not None:
                     error = error or {"code": 503, "status": "UNAVAILABLE",
                                       "message": f"the upstream stream broke after output "
@@ -5393,8 +5689,8 @@ class Gateway:
                     yield self.redacted(framer.error(error))
             yield framer.end(failure is not None)
         finally:
-            # Also when the client went away (GeneratorExit): then nothing is recorded, as
-            # what arrived says nothing against the model.
+            # Also when the client went away (cancelled, or the generator closed): then
+            # nothing is recorded, as what arrived says nothing against the model.
             flow.response.close()
         if flow.done:
             return            # the run loop recorded it: it was never deferred
@@ -5402,7 +5698,9 @@ class Gateway:
         if failure is not None:
             final.partial = True
             final.detail = f"stream broke after output began: {final.detail}"
-        self.router.record(flow.key, flow.model, final, time.perf_counter() - flow.began)
+        if self.router.record(flow.key, flow.model, final, time.perf_counter() - flow.began,
+                              flush=False):
+            await in_thread(self.router.flush)
 
     # --- the model list ------------------------------------------------------------------
 
@@ -5701,6 +5999,7 @@ def build_app(gateway: Gateway) -> Any:
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> Any:
         anyio.to_thread.current_default_thread_limiter().total_tokens = GATEWAY_THREADS
+        await gateway.upstream.open()
         gateway.router.start_flusher()
 
         async def pump_log() -> None:
@@ -5712,7 +6011,8 @@ def build_app(gateway: Gateway) -> Any:
             yield
         finally:
             pump.cancel()
-            await anyio.to_thread.run_sync(gateway.router.close)
+            await gateway.upstream.close()
+            await in_thread(gateway.router.close)
             gateway.flush_log()
 
     app = FastAPI(title=f"{PROG} gateway", version=__version__, lifespan=lifespan,
@@ -5749,17 +6049,14 @@ def build_app(gateway: Gateway) -> Any:
         except GatewayError as exc:
             response = error_response(api, exc)
         except Exception as exc:     # noqa: BLE001 - never a bare 500 or a traceback
-            gateway.log(f"internal error on {request.method} {request.url.path}: "
+            gateway.log(f"internal error on {request.method} {request.scope['path']}: "
                         f"{type(exc).__name__}: {_one_line(exc, 300)}", now=True)
             response = error_response(api, GatewayError(
                 500, f"internal error in the gateway ({type(exc).__name__}); its log says "
                      "more", "internal_error"))
-        gateway.served_request(api, endpoint, client, request.method, request.url.path,
+        gateway.served_request(api, endpoint, client, request.method, request.scope["path"],
                                response.status_code, response.headers, began)
         return response
-
-    def threaded(fn: Callable[..., Any], *args: Any) -> Any:
-        return anyio.to_thread.run_sync(functools.partial(fn, *args))
 
     def streamed(result: Any, api: str, framer: Any) -> Response:
         if isinstance(result, Forwarded):       # refused before the stream began
@@ -5797,9 +6094,9 @@ def build_app(gateway: Gateway) -> Any:
             params, sse = gemini_query(request.query_params, method == "streamGenerateContent")
             if method == "streamGenerateContent":
                 framer = GeminiSseFramer() if sse else GeminiArrayFramer()
-                return streamed(await threaded(gateway.open_stream, model, body, params,
-                                               framer, client), "gemini", framer)
-            fwd = await threaded(gateway.forward, method, model, body, params, client)
+                return streamed(await gateway.open_stream(model, body, params, framer, client),
+                                "gemini", framer)
+            fwd = await gateway.forward(method, model, body, params, client)
             return forwarded_response(fwd, "gemini")
         return await serve(request, "gemini", method or "unknown", work)
 
@@ -5808,7 +6105,7 @@ def build_app(gateway: Gateway) -> Any:
     async def gemini_models(request: Request) -> Response:
         async def work(client: str) -> Response:
             q = request.query_params
-            return JSONResponse(await threaded(gateway.models_page, q.get("pageSize"),
+            return JSONResponse(await in_thread(gateway.models_page, q.get("pageSize"),
                                                q.get("pageToken")))
         return await serve(request, "gemini", "models", work)
 
@@ -5816,7 +6113,7 @@ def build_app(gateway: Gateway) -> Any:
     @typed
     async def gemini_model(model: str, request: Request) -> Response:
         async def work(client: str) -> Response:
-            return JSONResponse(await threaded(gateway.model_entry, model))
+            return JSONResponse(await in_thread(gateway.model_entry, model))
         return await serve(request, "gemini", "model", work)
 
     @app.post("/v1/chat/completions", summary="OpenAI: chat completions (stream or not)")
@@ -5833,11 +6130,11 @@ def build_app(gateway: Gateway) -> Any:
                 usage = isinstance(options, dict) and options.get("include_usage") is True
                 chunker = OpenAIChunker(model, ident, created, usage)
                 framer = OpenAIFramer(chunker)
-                result = await threaded(gateway.open_stream, model, data, {}, framer, client)
+                result = await gateway.open_stream(model, data, {}, framer, client)
                 if not isinstance(result, Forwarded):
                     chunker.model = result[0].get("x-gemini-router-model", model)
                 return streamed(result, "openai", framer)
-            fwd = await threaded(gateway.forward, "generateContent", model, data, {}, client)
+            fwd = await gateway.forward("generateContent", model, data, {}, client)
             if fwd.status != 200:
                 return forwarded_response(fwd, "openai")
             answer = _safe_loads(fwd.body) or {}
@@ -5850,7 +6147,7 @@ def build_app(gateway: Gateway) -> Any:
     @typed
     async def openai_models(request: Request) -> Response:
         async def work(client: str) -> Response:
-            return JSONResponse(await threaded(gateway.openai_models))
+            return JSONResponse(await in_thread(gateway.openai_models))
         return await serve(request, "openai", "models", work)
 
     @app.post("/v1/router/route", summary="gemini-router route, forwarded (GEMINI_ROUTER_SERVER)")
@@ -5862,7 +6159,7 @@ def build_app(gateway: Gateway) -> Any:
                 return StreamingResponse(route_events(payload, client),
                                          media_type="application/x-ndjson")
             events: list[dict[str, Any]] = []
-            await threaded(gateway.route_for_cli, payload, events.append, client)
+            await in_thread(gateway.route_for_cli, payload, events.append, client)
             final = events[-1]
             doc = {**final, "log": [e["log"] for e in events if "log" in e]}
             error = final.get("error")
@@ -5898,7 +6195,7 @@ def build_app(gateway: Gateway) -> Any:
     @typed
     async def status(request: Request) -> Response:
         async def work(client: str) -> Response:
-            doc = await threaded(gateway.status)
+            doc = await in_thread(gateway.status)
             return Response(redact(json.dumps(doc), gateway.settings.keys),
                             media_type="application/json")
         return await serve(request, "gemini", "status", work)
@@ -5907,7 +6204,7 @@ def build_app(gateway: Gateway) -> Any:
     @typed
     async def page(request: Request) -> Response:
         async def work(client: str) -> Response:
-            doc = await threaded(gateway.status)
+            doc = await in_thread(gateway.status)
             return HTMLResponse(redact(status_page(doc), gateway.settings.keys))
         return await serve(request, "gemini", "page", work)
 
@@ -5916,7 +6213,7 @@ def build_app(gateway: Gateway) -> Any:
     async def metrics(request: Request) -> Response:
         async def work(client: str) -> Response:
             from prometheus_client import CONTENT_TYPE_LATEST
-            text = await threaded(gateway.metrics.text)
+            text = await in_thread(gateway.metrics.text)
             return Response(gateway.redacted(text), media_type=CONTENT_TYPE_LATEST)
         return await serve(request, "gemini", "metrics", work)
 
@@ -5929,18 +6226,18 @@ def build_app(gateway: Gateway) -> Any:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: Any) -> Response:
-        api = api_of(request.url.path)
-        message = f"{exc.detail}: {request.method} {request.url.path}"
+        api = api_of(request.scope["path"])
+        message = f"{exc.detail}: {request.method} {request.scope['path']}"
         response = error_response(api, GatewayError(exc.status_code, message))
-        gateway.served_request(api, "unknown", "-", request.method, request.url.path,
+        gateway.served_request(api, "unknown", "-", request.method, request.scope["path"],
                                response.status_code, response.headers, time.perf_counter())
         return response
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
-        gateway.log(f"internal error on {request.method} {request.url.path}: "
+        gateway.log(f"internal error on {request.method} {request.scope['path']}: "
                     f"{type(exc).__name__}: {_one_line(exc, 300)}")
-        return error_response(api_of(request.url.path), GatewayError(
+        return error_response(api_of(request.scope["path"]), GatewayError(
             500, f"internal error in the gateway ({type(exc).__name__})", "internal_error"))
 
     # The two endpoints that carry nearly all the traffic skip FastAPI's middleware stack
@@ -6348,13 +6645,14 @@ class OpenAIChunker:
 def serve_stack() -> Any:
     """uvicorn, or a ConfigError saying how to install the `serve` extra."""
     try:
+        import aiohttp
         import fastapi
         import prometheus_client
         import uvicorn
     except ImportError as exc:
         raise ConfigError(f"serve needs {exc.name or 'its server stack'}: "
                           f"{SERVE_HINT}") from None
-    del fastapi, prometheus_client        # imported here only to say what is missing
+    del aiohttp, fastapi, prometheus_client     # imported here only to say what is missing
     return uvicorn
 
 

@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
 from conftest import KEYS, ROOT, base_env
-from gateway_fixtures import CLIENT_KEYS, FLASH, answer_text, sse_events
+from gateway_fixtures import CLIENT_KEYS, FLASH, answer_text, gateway_env, serving, sse_events
 from gateway_fixtures import gateway, guarded  # noqa: F401  (fixtures)
 
 import gemini_router as gr
@@ -52,7 +54,7 @@ def stats(state_dir) -> dict:
 # --------------------------------------------------------------------------------------
 
 SERVER_STACK = ("fastapi", "uvicorn", "starlette", "prometheus_client", "anyio", "pydantic",
-                "httpx")
+                "httpx", "aiohttp", "yarl")
 
 
 @pytest.mark.parametrize("argv", [["-c", "import gemini_router"],
@@ -515,3 +517,70 @@ def test_a_forwarded_route_the_sdk_cannot_build_ends_with_exit_2(gateway, fake, 
     assert events[-1]["error"]["exit_code"] == 2
     assert "cannot be built" in events[-1]["error"]["message"]
     assert calls(fake) == []
+
+
+@pytest.mark.parametrize("path", [GENERATE, STREAM])
+def test_an_endpoint_that_cannot_be_reached_for_the_model_list_is_a_503(state_dir, path):
+    """No cached model list and an endpoint that refuses connections: the list call (in a
+    worker thread) fails, and the client gets the router's 503 with its reason - no 500."""
+    import socket
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]              # bound, never listening: refused
+        with serving(base_env(state_dir, f"http://127.0.0.1:{port}", KEYS[:2])) as served:
+            r = post(served, path)
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["message"].startswith(
+        f"cannot reach http://127.0.0.1:{port}: connection refused")
+
+
+# --------------------------------------------------------------------------------------
+# the event loop never waits on the state lock
+# --------------------------------------------------------------------------------------
+
+HOLD_THE_LOCK = """import mmap, os, sys, filelock
+lock = filelock.FileLock(sys.argv[1] + "/state.lock")
+lock.acquire()
+if sys.argv[2] == "written":     # as a writer does: count the change, touch a file
+    counter = mmap.mmap(os.open(sys.argv[1] + "/state.gen", os.O_RDWR), 8)
+    counter[:8] = (int.from_bytes(counter[:8], "little") + 1).to_bytes(8, "little")
+    os.utime(sys.argv[1] + "/router_state.json")
+print("holding", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.files_only                # state on Redis: every read runs in a worker thread
+@pytest.mark.parametrize("waits_for", ["paced", "written"])
+def test_a_request_waiting_for_the_state_lock_leaves_the_event_loop_free(fake, state_dir,
+                                                                         waits_for):
+    """The route loop runs on the event loop between its calls, but a step that must wait
+    for the state lock runs in a worker thread: a paced reservation (GEMINI_ROUTER_RPM), or
+    a read of files another process has just written (the change counter moved). While
+    another process holds the lock, the gateway still answers everything else at once."""
+    extra = {"GEMINI_ROUTER_RPM": "100"} if waits_for == "paced" else {}
+    env = gateway_env(fake, state_dir, GEMINI_ROUTER_LOCK_TIMEOUT="20", **extra)
+    pool = ThreadPoolExecutor(1)
+    with serving(env) as served:
+        assert post(served, GENERATE).status_code == 200          # the model list, cached
+        holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(state_dir),
+                                   waits_for], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            assert holder.stdout.readline() == b"holding\n"
+            waiting = pool.submit(post, served, GENERATE, body("second"))
+            took = []
+            for _ in range(5):
+                time.sleep(0.2)
+                began = time.monotonic()
+                health = requests.get(served.url + "/healthz", timeout=10)
+                took.append(time.monotonic() - began)
+                assert health.status_code == 200
+            still_waiting = not waiting.done()
+        finally:
+            holder.communicate(b"\n", timeout=10)
+        second = waiting.result(timeout=30)
+    pool.shutdown()
+    assert max(took) < 0.5, took
+    assert still_waiting
+    assert second.status_code == 200 and answer_text([second.json()]) == f"[{FLASH}] second"
+    assert len(calls(fake)) == 2
