@@ -2641,9 +2641,9 @@ def _import_sdk() -> Any:
 
 
 def upstream_pool(endpoint: str, size: int = 8) -> Any:
-    """The pool for the API's raw calls: urllib3, which requests itself is built on, used
-    directly - requests' per-call work costs ≈0.3 ms, a third of a forwarded call. Proxy and
-    CA settings come from the environment, as requests reads them, once."""
+    """The pool for the API's raw calls (the model list, a 404's check): urllib3, which
+    requests itself is built on, used directly - requests' per-call work costs ≈0.3 ms. Proxy
+    and CA settings come from the environment, as requests reads them, once."""
     import urllib3
     proxies, bundle = environment_transport(endpoint)
     if not bundle:
@@ -2665,36 +2665,23 @@ def environment_transport(endpoint: str) -> tuple[dict[str, str], str | None]:
 
 
 class RawResponse:
-    """An upstream answer as the listing and the gateway read it: status, headers, the body
-    whole (`content`, `json()`) or as it arrives (`iter_content`); `close()` hands a fully
-    read connection back to the pool and drops one that was left mid-body."""
+    """An upstream answer as the listing reads it: status, headers, the body (`content`,
+    `json()`), read whole (the connection goes back to the pool)."""
 
     def __init__(self, response: Any):
-        self._response = response
         self.status_code: int = response.status
         self.headers = response.headers
-        self._body: bytes | None = None
-        self._drained = False
-
-    @property
-    def content(self) -> bytes:
-        if self._body is None:
-            self._body = self._response.data or b""
-            self._drained = True
-        return self._body
+        self.content: bytes = response.data or b""
 
     def json(self) -> Any:
         return json.loads(self.content)
 
-    def iter_content(self, chunk_size: int | None = None) -> Iterator[bytes]:
-        yield from self._response.stream(chunk_size or 65536, decode_content=True)
-        self._drained = True
 
-    def close(self) -> None:
-        if self._drained:
-            self._response.release_conn()
-        else:
-            self._response.close()
+def api_url(endpoint: str, path: str, params: dict[str, str] | None = None) -> str:
+    """The URL of `path` (after /v1beta/) at `endpoint`, with its query."""
+    from urllib.parse import quote, urlencode
+    url = f"{endpoint}/v1beta/{quote(path, safe='/:')}"
+    return url + "?" + urlencode(params) if params else url
 
 
 def settle_session(session: Any, endpoint: str) -> Any:
@@ -2885,27 +2872,19 @@ class GeminiClient:
         return outcome
 
     def widen_pool(self, size: int) -> None:
-        """A pool of `size` connections for the raw calls (a server's requests in flight)."""
+        """A pool of `size` connections for the raw calls (a server's worker threads)."""
         self._http = upstream_pool(self.settings.endpoint, size)
 
-    def raw(self, key: ApiKey, method: str, path: str, *, body: Any = None,
-            params: dict[str, str] | None = None, timeout: float | None = None,
-            stream: bool = False) -> RawResponse:
+    def raw(self, key: ApiKey, method: str, path: str, *,
+            params: dict[str, str] | None = None, timeout: float | None = None
+            ) -> RawResponse:
         """One HTTP call to the API (path after /v1beta/) with `key`, never retried."""
         import urllib3
-        from urllib.parse import quote, urlencode
-        headers = {"x-goog-api-key": key.secret}
-        data = None
-        if body is not None:
-            data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-            headers["content-type"] = "application/json"
-        url = f"{self.settings.endpoint}/v1beta/{quote(path, safe='/:')}"
-        if params:
-            url += "?" + urlencode(params)
         limit = self.settings.timeout if timeout is None else timeout
         return RawResponse(self.http.request(
-            method, url, body=data, headers=headers, retries=False, redirect=False,
-            preload_content=not stream, timeout=urllib3.Timeout(connect=limit, read=limit)))
+            method, api_url(self.settings.endpoint, path, params),
+            headers={"x-goog-api-key": key.secret}, retries=False, redirect=False,
+            timeout=urllib3.Timeout(connect=limit, read=limit)))
 
     def outcome_of_response(self, response: Any) -> Outcome | None:
         """None for a 2xx response, else the classified failure."""
@@ -5245,13 +5224,10 @@ class Upstream:
         whole unless `stream`), or the failure as an Outcome."""
         import aiohttp
         import yarl
-        from urllib.parse import quote, urlencode
-        url = f"{self.settings.endpoint}/v1beta/{quote(path, safe='/:')}"
-        if params:
-            url += "?" + urlencode(params)
+        url = yarl.URL(api_url(self.settings.endpoint, path, params), encoded=True)
         try:
             response = UpstreamResponse(await self.session.post(
-                yarl.URL(url, encoded=True), data=body, proxy=self.proxy,
+                url, data=body, proxy=self.proxy,
                 proxy_auth=self.proxy_auth, allow_redirects=False,
                 headers={"x-goog-api-key": key.secret, "content-type": "application/json"},
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout,
