@@ -4822,7 +4822,7 @@ OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                       405: "invalid_request_error", 429: "rate_limit_error"}
 CLIENT_NAME_FORM = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 GATEWAY_ROUTING = 64          # requests routed at once; more wait their turn
-LARGE_BODY = 1 << 20          # bytes: a body this large is parsed in a worker thread
+LARGE_BODY = 1 << 20          # bytes: a body or answer this large is parsed in a worker thread
 GATEWAY_THREADS = 64          # worker threads: state on Redis, list calls, the cache, /status
 STATUS_REFRESH_S = 5          # the status page reloads itself this often
 LOG_EVERY = 0.25              # seconds between writes of the gateway's log
@@ -4981,6 +4981,7 @@ class StreamFlow:
     buffered: list[Any] = field(default_factory=list)
     done: bool = False                  # the whole stream arrived before any content
     error: dict[str, Any] | None = None  # an {"error"} element that came before any content
+    timeout: float | None = None        # the call's read timeout, for what a failure says
 
 
 class GeminiArrayFramer:
@@ -5145,6 +5146,12 @@ async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
     return await anyio.to_thread.run_sync(functools.partial(fn, *args))
 
 
+async def on_loop_if_small(size: int, fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args), which works on `size` bytes: on the event loop, or in a worker thread
+    from LARGE_BODY bytes up (parsing megabytes would hold up every request in flight)."""
+    return fn(*args) if size < LARGE_BODY else await in_thread(fn, *args)
+
+
 async def _aiter(items: list[bytes]) -> AsyncIterator[bytes]:
     for item in items:
         yield item
@@ -5177,6 +5184,11 @@ class UpstreamResponse:
         self._response.release()
 
 
+# Accept-Encoding as urllib3 sends it: a stream's first token is not held back by
+# compression, and nothing is decompressed on the event loop.
+UPSTREAM_HEADERS = {"content-type": "application/json", "accept-encoding": "identity"}
+
+
 class Upstream:
     """The gateway's upstream transport: one aiohttp session on the event loop, connections
     kept open and reused, no thread per call. Proxy and CA settings come from the
@@ -5189,7 +5201,7 @@ class Upstream:
         self.session: Any = None
         proxies, self.bundle = environment_transport(settings.endpoint)
         self.proxy = proxies.get(settings.endpoint.split(":", 1)[0])
-        self.proxy_auth: Any = None
+        self.proxy_headers: dict[str, str] | None = None
 
     async def open(self) -> None:
         import aiohttp
@@ -5199,7 +5211,8 @@ class Upstream:
             # message could quote.
             url = yarl.URL(self.proxy)
             if url.user is not None:
-                self.proxy_auth = aiohttp.BasicAuth(url.user, url.password or "")
+                self.proxy_headers = {"Proxy-Authorization": aiohttp.BasicAuth(
+                    url.user, url.password or "").encode()}
             self.proxy = str(url.with_user(None))
         ssl: Any = True
         if self.settings.endpoint.startswith("https://"):
@@ -5209,10 +5222,7 @@ class Upstream:
         # No connection limit here: GATEWAY_ROUTING bounds the calls being routed, and a
         # stream keeps its connection until its client has it all.
         connector = aiohttp.TCPConnector(limit=0, ssl=ssl, keepalive_timeout=30)
-        # Accept-Encoding as urllib3 sends it (identity): a stream's first token is not
-        # held back by compression, and nothing is decompressed on the event loop.
-        self.session = aiohttp.ClientSession(connector=connector, trust_env=False,
-                                             skip_auto_headers=("Accept-Encoding",))
+        self.session = aiohttp.ClientSession(connector=connector, trust_env=False)
 
     async def close(self) -> None:
         if self.session is not None:
@@ -5227,9 +5237,8 @@ class Upstream:
         url = yarl.URL(api_url(self.settings.endpoint, path, params), encoded=True)
         try:
             response = UpstreamResponse(await self.session.post(
-                url, data=body, proxy=self.proxy,
-                proxy_auth=self.proxy_auth, allow_redirects=False,
-                headers={"x-goog-api-key": key.secret, "content-type": "application/json"},
+                url, data=body, proxy=self.proxy, proxy_headers=self.proxy_headers,
+                allow_redirects=False, headers=UPSTREAM_HEADERS | {"x-goog-api-key": key.secret},
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout,
                                               sock_read=timeout)))
         except Exception as exc:     # noqa: BLE001 - every failure is an outcome
@@ -5397,8 +5406,8 @@ class Gateway:
         """The route loop (`Router.steps`) over `planned`, each upstream call awaited on the
         event loop (`call` is a coroutine function); with `shaped`, models the list says
         cannot take the body are skipped before any call."""
-        parsed = None if not shaped or not body else _safe_loads(body) \
-            if len(body) < LARGE_BODY else await in_thread(_safe_loads, body)
+        parsed = await on_loop_if_small(len(body), _safe_loads, body) if shaped and body \
+            else None
         unfit = unfit_models(planned.models, *request_shape(parsed)) if isinstance(
             parsed, dict) else None
         steps = self.router.steps(planned.plan, unfit=unfit, docs=planned.docs,
@@ -5438,7 +5447,11 @@ class Gateway:
                 except Exception as exc:     # noqa: BLE001 - the loop's own `finally` sees it
                     thrown = exc
         except BaseException:
-            steps.close()      # cancelled (the client went away): the loop's `finally` runs
+            # Cancelled (the client went away, the server's shutdown ran out of time): the
+            # loop's `finally` runs now - or, when a worker thread is still inside a step,
+            # once that step ends and the generator is let go.
+            if not steps.gi_running:
+                steps.close()
             raise
 
     # --- forwarding ----------------------------------------------------------------------
@@ -5448,7 +5461,8 @@ class Gateway:
         """One non-streamed call (generateContent, countTokens, embedContent,
         batchEmbedContents), failed over by the run loop; the client's body goes up and the
         upstream's answer comes back unchanged."""
-        cache_key = self.cache_key(name, body, params) if method == "generateContent" else None
+        cache_key = await on_loop_if_small(len(body), self.cache_key, name, body, params) \
+            if method == "generateContent" and self.settings.cache_ttl > 0 else None
         hit = await in_thread(self.cache_hit, cache_key) if cache_key is not None else None
         if hit is not None:
             return Forwarded(200, self.redacted(_dumps(hit[0])), hit[1])
@@ -5464,7 +5478,7 @@ class Gateway:
             failure = self.router.client.outcome_of_response(response)
             if failure is not None:
                 return failure
-            answer = _safe_json(response)
+            answer = await on_loop_if_small(len(response.content), _safe_json, response)
             if method == "generateContent":
                 return outcome_from_body(answer)
             if not isinstance(answer, dict):
@@ -5539,7 +5553,8 @@ class Gateway:
         """Start a streamed call: failover happens here, before anything is sent. Returns
         the routing headers and the body to stream, or a Forwarded refusal (an HTTP error
         the upstream gave before streaming, passed on as it came)."""
-        cache_key = self.cache_key(name, body, params)
+        cache_key = await on_loop_if_small(len(body), self.cache_key, name, body, params) \
+            if self.settings.cache_ttl > 0 else None
         hit = await in_thread(self.cache_hit, cache_key) if cache_key is not None else None
         if hit is not None:
             answer, headers = hit
@@ -5590,7 +5605,8 @@ class Gateway:
                                             body, params, timeout, stream=True)
         if isinstance(response, Outcome):
             return response
-        flow = StreamFlow(key, model, response, Outcome("ok", status=200, deferred=True), began)
+        flow = StreamFlow(key, model, response, Outcome("ok", status=200, deferred=True), began,
+                          timeout=timeout)
         if not 200 <= response.status_code < 300:
             failure = await self.upstream.read(response, timeout)
             flow.outcome = failure or self.router.client.outcome_of_response(response)
@@ -5657,7 +5673,7 @@ class Gateway:
                     if failure is None and (not flow.reader.closed or flow.reader.leftover):
                         failure = Outcome("transient", "stream cut off before its end")
                 except Exception as exc:     # noqa: BLE001 - the upstream broke mid-stream
-                    failure = self.router.client.outcome_from_error(exc)
+                    failure = self.router.client.outcome_from_error(exc, flow.timeout)
                 if failure is not None:
                     error = error or {"code": 503, "status": "UNAVAILABLE",
                                       "message": f"the upstream stream broke after output "

@@ -100,6 +100,22 @@ def test_generate_forwards_the_body_unchanged_both_ways(gateway, fake):
     assert r.text == json.dumps(answer, indent=2) + "\n"
 
 
+def test_a_body_of_megabytes_is_forwarded_unchanged_both_ways(gateway, fake):
+    """A 3 MB body (parsed in a worker thread: over LARGE_BODY) reaches the upstream byte
+    for byte, and the echo of it (an answer of megabytes, parsed there too) comes back
+    unchanged."""
+    text = ("lorem ipsum dolor sit amet " * 120_000)[:3 * 1024 * 1024]
+    sent = json.dumps(body(text)).encode()
+    assert len(sent) > gr.LARGE_BODY
+    r = requests.post(gateway.url + GENERATE, data=sent, timeout=60,
+                      headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text[:300]
+    [call] = [c for c in fake.calls if c.action == "generate"]
+    assert call.raw == sent
+    assert len(r.content) > gr.LARGE_BODY
+    assert answer_text([r.json()]) == f"[{FLASH}] {text}"
+
+
 def test_answers_carry_the_routing_headers(gateway, fake):
     fake.set_behaviour("unavailable", key=KEYS[0], model=FLASH)
     r = post(gateway, GENERATE)
