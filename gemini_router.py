@@ -1472,7 +1472,7 @@ class RedisStateStore:
             from redis.retry import Retry
         except ImportError:
             raise ConfigError(f"GEMINI_ROUTER_STATE_URL {self.url} needs the redis package: "
-                              "pip install 'gemini-router[redis]'") from None
+                              "pip install '.[redis]' in a checkout of gemini-router") from None
         try:
             # One immediate retry: a pooled connection that Redis closed (a restart) is
             # reopened once instead of failing the command; no backoff, so a Redis that is
@@ -4252,7 +4252,7 @@ class Router:
             return start
 
     def reserve(self, session: RouteSession, docs: dict[str, dict[str, Any]] | None = None
-                ) -> Iterator[Step]:
+                ) -> Generator[Step, Any, tuple[str, ApiKey, Block | None, bool] | None]:
         """The next pair of `session`, counted toward its limits (the generator's return
         value; it yields LOCKING first when it is about to take the state lock). A pair under
         a ceiling or a learned limit is counted at once under the lock, so two processes never
@@ -4412,7 +4412,8 @@ class Router:
         return None if models is None else (models, docs)
 
     def _cached_models(self) -> list[dict[str, Any]] | None:
-        return cached_model_list(self.store.snapshot()["router"], self.settings, time.time())
+        cached = self.cached_models_now()
+        return None if cached is None else cached[0]
 
     def _fetch_models(self, out: Output | None,
                       deadline_at: float | None = None) -> list[dict[str, Any]]:
@@ -4806,7 +4807,7 @@ def known_models(settings: Settings, store: StateStore, refresh: bool = False,
 # loop. From then on the call is "deferred" and its final outcome is recorded when it ends.
 
 DEFAULT_PORT = 8787
-SERVE_HINT = "pip install 'gemini-router[serve]'"
+SERVE_HINT = "pip install '.[serve]' in a checkout of gemini-router"
 # OpenAI-style model names that route by tier instead of naming a model.
 AUTO_MODELS = {"auto": "balance", "auto-balance": "balance", "auto-fast": "fast",
                "auto-quality": "quality"}
@@ -5175,6 +5176,14 @@ class UpstreamResponse:
     def json(self) -> Any:
         return json.loads(self.content)
 
+    async def read(self) -> None:
+        """The whole body, into `content`; on a failure the connection is closed."""
+        try:
+            self.content = await self._response.read()
+        except BaseException:
+            self._response.close()
+            raise
+
     def chunks(self) -> AsyncIterator[bytes]:
         return self._response.content.iter_any()
 
@@ -5251,9 +5260,8 @@ class Upstream:
     async def read(self, response: UpstreamResponse, timeout: float) -> Outcome | None:
         """Read the whole body into `response.content`; None, or the failure."""
         try:
-            response.content = await response._response.read()
+            await response.read()
         except Exception as exc:     # noqa: BLE001
-            response._response.close()
             return self.router.client.outcome_from_error(exc, timeout)
         return None
 
@@ -6159,6 +6167,11 @@ def build_app(gateway: Gateway) -> Any:
                 error["exit_code"], 429 if error.get("rate_limited") else 503)
             headers = {} if error is None or error.get("until") is None else \
                 {"retry-after": str(retry_after_seconds(error["until"]))}
+            result = final.get("result")
+            if result is not None:      # where it went, for the log and the metrics
+                headers.update({"x-gemini-router-model": result["model"],
+                                "x-gemini-router-key": result["key"],
+                                "x-gemini-router-attempts": str(len(result["attempts"]))})
             return Response(redact(json.dumps(doc), gateway.settings.keys), status, headers,
                              media_type="application/json")
         return await serve(request, "openai", "router.route", work)

@@ -522,6 +522,25 @@ def test_hostile_client_input_gets_a_400_never_a_500(gateway, fake):
     assert r.status_code == 400
 
 
+@pytest.mark.files_only                # reads the cooldown from the state file
+def test_a_forwarded_route_says_where_it_went_in_its_headers(gateway, fake, state_dir):
+    """A whole (not streamed) forwarded route carries the routing headers the log and the
+    metrics read: here a 429 on key#1, then key#2's answer - two calls, and key#1 cooling on
+    the model for the 26 s Google asked."""
+    fake.set_behaviour("rate_minute", key=KEYS[0], model=FLASH, retry_delay="26s")
+    r = requests.post(gateway.url + "/v1/router/route", timeout=30,
+                      data=json.dumps({"prompt": "hi", "model": FLASH}),
+                      headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    assert r.json()["result"]["text"] == f"[{FLASH}] hi"
+    assert (r.headers["x-gemini-router-model"], r.headers["x-gemini-router-key"],
+            r.headers["x-gemini-router-attempts"]) == (FLASH, "key#2", "2")
+    assert calls(fake) == [(FLASH, KEYS[0]), (FLASH, KEYS[1])]
+    [entry] = json.loads((state_dir / "cooldowns.json").read_text())["cooldowns"]
+    assert (entry["model"], entry["key"], entry["kind"], round(entry["until"] - entry["since"])) \
+        == (FLASH, FP[KEYS[0]], "rate_limited", 26)
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_forwarded_route_the_sdk_cannot_build_ends_with_exit_2(gateway, fake, stream):
     """A lone surrogate in a forwarded route: one terminal error event (exit 2), never a
@@ -548,6 +567,9 @@ def test_an_endpoint_that_cannot_be_reached_for_the_model_list_is_a_503(state_di
     assert r.status_code == 503, r.text
     assert r.json()["error"]["message"].startswith(
         f"cannot reach http://127.0.0.1:{port}: connection refused")
+    # the endpoint's failure, not the keys': no key or model is cooled for it
+    cooldowns = state_dir / "cooldowns.json"
+    assert not cooldowns.exists() or json.loads(cooldowns.read_text())["cooldowns"] == []
 
 
 # --------------------------------------------------------------------------------------
